@@ -1,0 +1,297 @@
+"""GPT-2 style model: one explicit file.
+
+Token + position embeddings, pre-LayerNorm transformer blocks with causal self-attention
+through ``F.scaled_dot_product_attention``, a GELU MLP, a final LayerNorm and an LM head
+(optionally tied to the token embedding). Also the ``bigram`` baseline (embedding + linear
+head). Generation with a KV cache lives in :mod:`engine.sampling`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import GptTuiError
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a GPT model."""
+
+    vocab_size: int = 50257
+    """Number of token ids the embedding and head cover."""
+    context_length: int = 256
+    """Longest sequence the position table covers."""
+    n_layer: int = 12
+    """Number of transformer blocks."""
+    n_head: int = 12
+    """Attention heads per block; must divide ``n_embd``."""
+    n_embd: int = 768
+    """Width of the residual stream."""
+    dropout: float = 0.1
+    """Dropout on embeddings, attention and residual branches (0 to turn off)."""
+    qkv_bias: bool = False
+    """Bias on the query/key/value projection (GPT-2 weights have it)."""
+    tie_weights: bool = False
+    """Share the token embedding matrix with the LM head."""
+    arch: str = "gpt"
+    """``gpt`` for the transformer, ``bigram`` for the embedding + linear-head baseline."""
+
+    def validate(self) -> None:
+        if self.arch not in ("gpt", "bigram"):
+            raise GptTuiError(f"unknown architecture {self.arch!r}", "use 'gpt' or 'bigram'")
+        for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise GptTuiError(f"{name} must be positive, got {getattr(self, name)}", f"set a positive {name}")
+        if self.arch == "gpt" and self.n_embd % self.n_head:
+            raise GptTuiError(
+                f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}",
+                "choose n_embd as a multiple of n_head",
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise GptTuiError(f"dropout must be in [0, 1), got {self.dropout}", "set --dropout between 0 and 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# The book's sizes (LLMs-from-scratch ch04) plus CPU presets.
+PRESETS: dict[str, dict] = {
+    "bigram": dict(arch="bigram", n_layer=1, n_head=1, n_embd=32, context_length=8, dropout=0.0),
+    "tiny": dict(n_layer=2, n_head=4, n_embd=128, context_length=64, dropout=0.0),
+    "small": dict(n_layer=6, n_head=6, n_embd=384, context_length=256, dropout=0.2),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, context_length=1024, dropout=0.1),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, context_length=1024, dropout=0.1),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, context_length=1024, dropout=0.1),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, context_length=1024, dropout=0.1),
+}
+
+
+def preset_config(name: str, **overrides) -> ModelConfig:
+    """Model config for a preset name, with overrides (``None`` values are ignored)."""
+    if name not in PRESETS:
+        raise GptTuiError(f"unknown preset {name!r}", f"choose one of {', '.join(PRESETS)}")
+    d = dict(PRESETS[name])
+    d.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = ModelConfig.from_dict(d)
+    cfg.validate()
+    return cfg
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
+            Tk = k.size(2)
+            if T == 1:
+                y = F.scaled_dot_product_attention(q, k, v)
+            else:
+                # Prefill with a non-empty cache: query i sees keys up to (Tk - T + i).
+                mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), kv_cache, layer)
+        return x + self.mlp(self.ln2(x))
+
+
+class KVCache:
+    """Preallocated key/value cache for all layers of one generation."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int) -> None:
+        hd = cfg.n_embd // cfg.n_head
+        self.shape = (cfg.n_layer, batch, cfg.n_head, max_len, hd)
+        self.k: torch.Tensor | None = None  # allocated at first use, in the dtype of the keys
+        self.v: torch.Tensor | None = None
+        self.pos = 0  # tokens already stored (same for every layer after a full forward)
+        self._pending = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is None:
+            self.k = torch.empty(self.shape, device=k.device, dtype=k.dtype)
+            self.v = torch.empty(self.shape, device=v.device, dtype=v.dtype)
+        T = k.size(2)
+        end = self.pos + T
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        self._pending = T
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self) -> None:
+        self.pos += self._pending
+        self._pending = 0
+
+
+class GPT(nn.Module):
+    """GPT-2 architecture (or the bigram baseline when ``cfg.arch == 'bigram'``)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.arch == "bigram":
+            self.pos_emb = None
+            self.drop = nn.Identity()
+            self.blocks = nn.ModuleList()
+            self.ln_f = nn.Identity()
+        else:
+            self.pos_emb = nn.Embedding(cfg.context_length, cfg.n_embd)
+            self.drop = nn.Dropout(cfg.dropout)
+            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+            self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2 scaled init of residual projections.
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * max(1, cfg.n_layer)))
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    # ----------------------------------------------------------------- forward
+    def hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states (after the last LayerNorm), shape (B, T, C)."""
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if self.pos_emb is not None and start + T > self.cfg.context_length:
+            raise GptTuiError(
+                f"sequence of {start + T} tokens is longer than the context {self.cfg.context_length}",
+                "shorten the input",
+            )
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            pos = torch.arange(start, start + T, device=idx.device)
+            x = x + self.pos_emb(pos)
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.advance()
+        return self.ln_f(x)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """Logits (B, T, V) when ``targets`` is None, else the mean cross-entropy loss.
+
+        Targets of -100 are ignored (padding and masked prompt tokens).
+        """
+        h = self.hidden(idx, kv_cache)
+        if targets is None:
+            return self.head(h)
+        return self.loss_from_hidden(h, targets)
+
+    def loss_from_hidden(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.head(h)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+    # ------------------------------------------------------------------ facts
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.pos_emb is not None:
+            n -= self.pos_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), as in nanoGPT / PaLM appendix B."""
+        cfg = self.cfg
+        T = seq_len or cfg.context_length
+        N = self.num_params(non_embedding=True)
+        if cfg.arch == "bigram":
+            return 6.0 * cfg.n_embd * cfg.vocab_size
+        return 6.0 * N + 12.0 * cfg.n_layer * cfg.n_embd * T
+
+    def configure_optimizer(
+        self, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95), fused: bool | None = None
+    ) -> torch.optim.AdamW:
+        """AdamW with weight decay on matrices only (embeddings and linear weights)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        kwargs = {}
+        if fused is None:
+            dev = next(self.parameters()).device.type
+            fused = dev in ("cuda", "cpu")
+        if fused:
+            kwargs["fused"] = True
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, **kwargs)
+
+
+def describe_shape_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Human-readable differences between a model's parameters and a state dict."""
+    own = model.state_dict()
+    out = []
+    for k, v in state.items():
+        if k in own and tuple(own[k].shape) != tuple(v.shape):
+            out.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing:
+        out.append(f"missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        out.append(f"unexpected: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    return out

@@ -1,0 +1,147 @@
+"""Text generation: greedy, temperature, top-k, top-p, end-of-text stop, KV cache.
+
+``generate_stream`` yields token ids one at a time so a UI can stream them; ``generate``
+returns the whole batch. ``use_cache=False`` recomputes the full context every token,
+as the book's ``generate_text_simple`` does (for comparison and benchmarks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .model import GPT, KVCache
+
+
+@dataclass
+class SampleSettings:
+    """How to pick the next token."""
+
+    max_new_tokens: int = 100
+    """How many tokens to generate at most."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 means greedy (argmax)."""
+    top_k: int | None = 50
+    """Keep only the k most likely tokens (None or 0: all)."""
+    top_p: float | None = None
+    """Nucleus sampling: keep the smallest set with this probability mass (None: off)."""
+    seed: int | None = None
+    """Seed for a private generator, so the same seed gives the same text."""
+    stop_at_eot: bool = True
+    """Stop when the end-of-text token is produced."""
+    use_cache: bool = True
+    """Use the KV cache (False recomputes the whole context each token)."""
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Apply temperature, top-k and top-p to logits (B, V); returns probabilities."""
+    logits = logits.float()
+    if temperature <= 0:
+        probs = torch.zeros_like(logits)
+        probs.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        return probs
+    logits = logits / temperature
+    if top_k and top_k > 0 and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        remove = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
+    return torch.softmax(logits, dim=-1)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Eval mode and no grad for the block; the previous training mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def generate_stream(
+    model: GPT,
+    idx: torch.Tensor,
+    settings: SampleSettings,
+    eot_id: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token ids (shape (B,)) one step at a time.
+
+    ``idx`` is (B, T) of prompt ids; prompts longer than the context are cut from the left.
+    The caller's global RNG is not touched: sampling uses its own generator.
+    """
+    ctx_len = model.cfg.context_length
+    device = idx.device
+    gen = torch.Generator(device=device)
+    if settings.seed is not None:
+        gen.manual_seed(settings.seed)
+    else:
+        gen.seed()
+    amp = autocast or contextlib.nullcontext
+    idx = idx[:, -ctx_len:]
+    B = idx.size(0)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    cache = None
+    with eval_mode(model):
+        for _ in range(settings.max_new_tokens):
+            if should_stop is not None and should_stop():
+                return
+            with amp():
+                if settings.use_cache and model.pos_emb is not None:
+                    if cache is None or cache.pos + 1 > ctx_len:
+                        # (Re)fill the cache with the last context window.
+                        window = idx[:, -(ctx_len - 1):] if idx.size(1) >= ctx_len else idx
+                        cache = KVCache(model.cfg, B, ctx_len)
+                        h = model.hidden(window, cache)
+                    else:
+                        h = model.hidden(idx[:, -1:], cache)
+                    logits = model.head(h[:, -1, :])
+                else:
+                    logits = model.head(model.hidden(idx[:, -ctx_len:])[:, -1, :])
+            probs = filter_logits(logits, settings.temperature, settings.top_k, settings.top_p)
+            if settings.temperature <= 0:
+                nxt = probs.argmax(-1)
+            else:
+                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+            if eot_id is not None and settings.stop_at_eot:
+                nxt = torch.where(done, torch.full_like(nxt, eot_id), nxt)
+            idx = torch.cat([idx, nxt[:, None]], dim=1)
+            yield nxt
+            if eot_id is not None and settings.stop_at_eot:
+                done |= nxt == eot_id
+                if bool(done.all()):
+                    return
+
+
+def generate(
+    model: GPT,
+    idx: torch.Tensor,
+    settings: SampleSettings,
+    eot_id: int | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> torch.Tensor:
+    """Generate for a batch of prompts; returns (B, T + new) ids (finished rows padded with EOT)."""
+    out = [idx]
+    for nxt in generate_stream(model, idx, settings, eot_id, autocast=autocast):
+        out.append(nxt[:, None])
+    return torch.cat(out, dim=1)
+
+
+def generate_text_simple(model: GPT, idx: torch.Tensor, max_new_tokens: int, context_size: int) -> torch.Tensor:
+    """The book's greedy loop without a cache (reference for tests and benchmarks)."""
+    with eval_mode(model):
+        for _ in range(max_new_tokens):
+            logits = model(idx[:, -context_size:])[:, -1, :]
+            idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
+    return idx

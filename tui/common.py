@@ -1,0 +1,93 @@
+"""Helpers shared by the CLI commands: error handling, terminal detection, signals."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEBUG = {"on": os.environ.get("GPT_TUI_DEBUG") == "1"}
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line on stderr and exit."""
+    print(f"gpt-tui: error: {message}", file=sys.stderr, flush=True)
+    raise typer.Exit(code)
+
+
+def friendly_errors(fn: F) -> F:
+    """Turn user errors (and out-of-memory) into one stderr line and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from engine.errors import GptTuiError
+
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except GptTuiError as e:
+            if DEBUG["on"]:
+                traceback.print_exc()
+            fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            print("gpt-tui: interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
+        except Exception as e:  # noqa: BLE001
+            if DEBUG["on"]:
+                traceback.print_exc()
+            fail(describe_exception(e) + " (run with --debug for the traceback)", 1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def describe_exception(e: BaseException) -> str:
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError):
+        return "out of memory: lower --batch-size or --context (or raise --grad-accum to keep the effective batch)"
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}"[:300]
+
+
+def has_terminal() -> bool:
+    """A terminal the dashboard can draw on (Textual draws on stderr)."""
+    term = os.environ.get("TERM", "")
+    return sys.stdin.isatty() and sys.stderr.isatty() and term not in ("", "dumb")
+
+
+class SignalStopper:
+    """First SIGINT/SIGTERM: stop at the next step boundary with a checkpoint; second: exit at once."""
+
+    def __init__(self, on_stop: Callable[[], None], signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
+        self.on_stop = on_stop
+        self.count = 0
+        self.signals = [s for s in signals if s is not None]
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> SignalStopper:
+        for s in self.signals:
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        if self.count == 1:
+            print(f"\ngpt-tui: {signal.Signals(signum).name}: saving a checkpoint at the next step "
+                  "(signal again to exit at once)", file=sys.stderr, flush=True)
+            self.on_stop()
+        else:
+            print("gpt-tui: exiting now; checkpoints on disk are intact", file=sys.stderr, flush=True)
+            os._exit(130)
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
