@@ -109,6 +109,7 @@ class Trainer:
         self.restored: dict[str, Any] | None = None
         self._recent_losses: deque[float] = deque(maxlen=50)
         self._bad_steps = 0
+        self._last_sample_step = -1
         self.prompt_template: Callable[[str], str] | None = None  # set by instruction finetuning
 
     # ================================================================ commands
@@ -543,6 +544,7 @@ class Trainer:
         settings = SampleSettings(max_new_tokens=self.cfg.sample_tokens, temperature=0.8, top_k=50,
                                   seed=self.cfg.seed + self.step)
         text = self.generate_text(prompt, settings)
+        self._last_sample_step = self.step
         self.emit(SampleEvent(step=self.step, epoch=self.epoch, text=text, prompt=prompt))
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
@@ -671,9 +673,12 @@ class Trainer:
             if final == "finished" or self._stop_save:
                 if final == "finished":
                     self.evaluate()
+                    if str(cfg.sample_every) != "0" and self._last_sample_step != self.step:
+                        self.epoch_samples()
                     self.on_finish()
                 self.save_checkpoint("final" if final == "finished" else "stop")
             self._set_state(final, f"{self.step} steps in {time.perf_counter() - t_start:.1f}s")
+            self._serve_after_finish()
             return final
         except DivergenceError as e:
             self.emit(FailedEvent(step=self.step, error=str(e), last_checkpoint=self.last_checkpoint))
@@ -690,6 +695,13 @@ class Trainer:
         finally:
             if self.metrics is not None:
                 self.metrics.close()
+
+    def _serve_after_finish(self) -> None:
+        """Carry out what is still queued; with a UI, keep serving (generate, eval) until stopped."""
+        self._drain_commands()
+        while self.with_ui and not self._cmd.stop.is_set():
+            time.sleep(0.05)
+            self._drain_commands()
 
     def on_finish(self) -> None:
         """Hook run after the last step (finetuning writes its test responses here)."""
