@@ -105,13 +105,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
-            Tk = k.size(2)
-            if T == 1:
-                y = F.scaled_dot_product_attention(q, k, v)
-            else:
-                # Prefill with a non-empty cache: query i sees keys up to (Tk - T + i).
-                mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.attn_mask(T, k.size(2), x.device))
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
@@ -145,9 +139,14 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Preallocated key/value cache for all layers of one generation."""
+    """Preallocated key/value cache for all layers of one generation.
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int) -> None:
+    ``pad`` (B,) counts left-padding tokens per row, for a batch of prompts of different
+    lengths: padded keys are masked out and positions start at 0 at each row's first real
+    token (see :func:`engine.sampling.generate_batch`).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, pad: torch.Tensor | None = None) -> None:
         hd = cfg.n_embd // cfg.n_head
         self.shape = (cfg.n_layer, batch, cfg.n_head, max_len, hd)
         self.k: torch.Tensor | None = None  # allocated at first use, in the dtype of the keys
@@ -155,6 +154,24 @@ class KVCache:
         self.pos = 0  # tokens already stored (same for every layer after a full forward)
         self._pending = 0
         self.max_len = max_len
+        self.pad = pad if pad is not None and bool((pad > 0).any()) else None
+        self._mask: tuple[tuple[int, int], torch.Tensor | None] | None = None
+
+    def attn_mask(self, T: int, Tk: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean mask (True: attend) for ``T`` new queries over ``Tk`` cached keys; None: all."""
+        if self._mask is not None and self._mask[0] == (T, Tk):
+            return self._mask[1]
+        mask = None
+        if T > 1:  # query i sees keys up to (Tk - T + i)
+            mask = torch.ones(T, Tk, dtype=torch.bool, device=device).tril(diagonal=Tk - T)
+        if self.pad is not None:
+            keys = torch.arange(Tk, device=device)
+            real = (keys[None, :] >= self.pad[:, None].to(device))[:, None, None, :]  # (B, 1, 1, Tk)
+            own = keys[None, :] == torch.arange(Tk - T, Tk, device=device)[:, None]  # (T, Tk)
+            # a padding query keeps its own key, so no softmax row is empty (NaN)
+            mask = ((mask if mask is not None else True) & real) | own
+        self._mask = ((T, Tk), mask)
+        return mask
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.k is None:
@@ -221,6 +238,8 @@ class GPT(nn.Module):
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
             pos = torch.arange(start, start + T, device=idx.device)
+            if kv_cache is not None and kv_cache.pad is not None:  # left-padded rows count from 0
+                pos = (pos[None, :] - kv_cache.pad[:, None].to(idx.device)).clamp(min=0)
             x = x + self.pos_emb(pos)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):

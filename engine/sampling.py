@@ -8,11 +8,12 @@ as the book's ``generate_text_simple`` does (for comparison and benchmarks).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .errors import GptTuiError
 from .model import GPT, KVCache
 
 
@@ -68,6 +69,25 @@ def eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
+def _window_forward(
+    model: GPT, idx: torch.Tensor, pad: torch.Tensor | None, keep_cache: bool
+) -> tuple[torch.Tensor, KVCache | None]:
+    """Hidden states of the last context window of ``idx``, and a cache to continue from.
+
+    The window's rows keep their left padding (masked out, positions counted from each
+    row's first real token). A cache is returned only when ``keep_cache`` and the window
+    leaves room for more tokens.
+    """
+    ctx_len = model.cfg.context_length
+    window = idx[:, -ctx_len:]
+    wpad = None if pad is None else (pad - (idx.size(1) - window.size(1))).clamp(min=0)
+    padded = wpad is not None and bool((wpad > 0).any())
+    room = keep_cache and window.size(1) < ctx_len
+    cache = KVCache(model.cfg, idx.size(0), ctx_len if room else window.size(1), wpad) if (padded or room) else None
+    h = model.hidden(window, cache)
+    return h, cache if room else None
+
+
 def generate_stream(
     model: GPT,
     idx: torch.Tensor,
@@ -75,13 +95,22 @@ def generate_stream(
     eot_id: int | None = None,
     should_stop: Callable[[], bool] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    pad: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (shape (B,)) one step at a time.
 
     ``idx`` is (B, T) of prompt ids; prompts longer than the context are cut from the left.
+    ``pad`` (B,) counts the left-padding tokens of each row when prompts of different
+    lengths share a batch (see :func:`generate_batch`).
+
+    With ``settings.use_cache`` the prompt is run once into a KV cache and each new token
+    costs one position. Once the text outgrows the context, every step recomputes the last
+    ``context_length`` tokens, exactly as the uncached loop does: with absolute position
+    embeddings a sliding window shifts every position, so no cached key would stay valid.
+    Cached and uncached decoding therefore pick the same tokens.
+
     The caller's global RNG is not touched: sampling uses its own generator.
     """
-    ctx_len = model.cfg.context_length
     device = idx.device
     gen = torch.Generator(device=device)
     if settings.seed is not None:
@@ -89,26 +118,20 @@ def generate_stream(
     else:
         gen.seed()
     amp = autocast or contextlib.nullcontext
-    idx = idx[:, -ctx_len:]
+    keep_cache = settings.use_cache and model.pos_emb is not None
     B = idx.size(0)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    cache = None
+    cache: KVCache | None = None
     with eval_mode(model):
         for _ in range(settings.max_new_tokens):
             if should_stop is not None and should_stop():
                 return
             with amp():
-                if settings.use_cache and model.pos_emb is not None:
-                    if cache is None or cache.pos + 1 > ctx_len:
-                        # (Re)fill the cache with the last context window.
-                        window = idx[:, -(ctx_len - 1):] if idx.size(1) >= ctx_len else idx
-                        cache = KVCache(model.cfg, B, ctx_len)
-                        h = model.hidden(window, cache)
-                    else:
-                        h = model.hidden(idx[:, -1:], cache)
-                    logits = model.head(h[:, -1, :])
+                if cache is not None and cache.pos < cache.max_len:
+                    h = model.hidden(idx[:, -1:], cache)
                 else:
-                    logits = model.head(model.hidden(idx[:, -ctx_len:])[:, -1, :])
+                    h, cache = _window_forward(model, idx, pad, keep_cache)
+                logits = model.head(h[:, -1, :])
             probs = filter_logits(logits, settings.temperature, settings.top_k, settings.top_p)
             if settings.temperature <= 0:
                 nxt = probs.argmax(-1)
@@ -136,6 +159,43 @@ def generate(
     for nxt in generate_stream(model, idx, settings, eot_id, autocast=autocast):
         out.append(nxt[:, None])
     return torch.cat(out, dim=1)
+
+
+def generate_batch(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    settings: SampleSettings,
+    eot_id: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> list[list[int]]:
+    """New token ids for several prompts (of any lengths) generated together in one batch.
+
+    Prompts are left-padded to the longest; padded keys are masked out of attention and
+    each row's positions start at its first real token, so with greedy decoding every row
+    gets the tokens it would get alone. Each row stops at its own end-of-text (not
+    included). Sampled rows share one generator: a seed fixes the whole batch's output.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise GptTuiError("a prompt of the batch is empty", "give every prompt some text")
+    device = next(model.parameters()).device
+    longest = max(len(p) for p in prompts)
+    fill = eot_id if eot_id is not None else 0
+    idx = torch.full((len(prompts), longest), fill, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        idx[i, longest - len(p):] = torch.tensor(list(p), dtype=torch.long, device=device)
+    pad = torch.tensor([longest - len(p) for p in prompts], dtype=torch.long, device=device)
+    out: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    for nxt in generate_stream(model, idx, settings, eot_id, should_stop, autocast, pad=pad):
+        for i, t in enumerate(nxt.tolist()):
+            if finished[i]:
+                continue
+            if eot_id is not None and settings.stop_at_eot and t == eot_id:
+                finished[i] = True
+            else:
+                out[i].append(t)
+    return out
 
 
 def generate_text_simple(model: GPT, idx: torch.Tensor, max_new_tokens: int, context_size: int) -> torch.Tensor:
