@@ -197,5 +197,5 @@ def load_toml(path: str) -> dict[str, Any]:
 SAFE_ON_RESUME = {
     "epochs", "max_steps", "eval_every", "eval_batches", "sample_every", "prompt", "sample_tokens",
     "checkpoint_every", "keep_last", "device", "threads", "out", "resume", "spike_factor",
-    "max_bad_steps", "compile", "lr", "min_lr", "grad_clip", "data",
+    "max_bad_steps", "compile", "lr", "min_lr", "grad_clip", "data", "fsdp",
 }

@@ -199,7 +199,10 @@ class Trainer:
             self.config_changes = []
 
         self.run_dir = os.path.abspath(cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
-        self.setup_data(resume_ckpt)
+        from .distributed import main_first
+
+        with main_first(self):  # under torchrun rank 0 tokenizes into the shared cache first
+            self.setup_data(resume_ckpt)
         self.setup_model(resume_ckpt)
         self.setup_schedule()
         if resume_ckpt is not None:
@@ -597,6 +600,7 @@ class Trainer:
         """Carry out queued commands; loops here (no compute) while paused."""
         announced = False
         while True:
+            self.sync_commands()
             self._drain_commands()
             if self._cmd.stop.is_set() or not self._cmd.paused.is_set():
                 break
@@ -610,6 +614,12 @@ class Trainer:
 
     def wait_while_paused(self) -> None:
         time.sleep(0.05)
+
+    def sync_commands(self) -> None:
+        """Under torchrun, every rank takes rank 0's commands and flags here (engine.distributed)."""
+        exchange = getattr(self._cmd, "exchange", None)
+        if exchange is not None:
+            exchange()
 
     def _drain_commands(self) -> None:
         while True:

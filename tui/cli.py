@@ -110,7 +110,7 @@ def run_training(cfg: Any, headless: bool = False, detach: bool = False, trainer
     if detach:
         from .detach import detach_run
 
-        detach_run(sys.argv)
+        detach_run(sys.argv, cfg)
         return
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not headless and not distributed and not has_terminal():

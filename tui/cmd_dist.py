@@ -1,9 +1,141 @@
-"""Commands of this area (registered on the main typer app)."""
+"""Commands for runs in other processes: attach, status, pause, resume, checkpoint, eval, stop."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
+
+from .common import friendly_errors
+
+RUN_DIR = typer.Argument(..., help="The run directory (the --out of `gpt-tui train`).", show_default=False)
+WAIT = typer.Option(30.0, "--wait", help="Seconds to wait for the run to act on it (0: do not wait).")
+
+
+def _is_state(*states: str) -> Any:
+    return lambda rec: rec.get("type") == "state" and rec.get("state") in states
+
+
+def _command(run_dir: str, cmd: str, done: Any, wait: float, **args: Any) -> dict[str, Any] | None:
+    """Send ``cmd`` and wait (up to ``wait`` s) for the first event matching ``done``; returns it."""
+    from engine.control import ControlClient
+
+    client = ControlClient(run_dir)
+    stream = client.subscribe()
+    try:
+        client.call(cmd, **args)
+        return stream.wait_for(done, wait) if wait > 0 else None
+    finally:
+        stream.close()
+
+
+def _status_line(st: dict[str, Any]) -> str:
+    total = st.get("total_steps")
+    steps = f"step {st['step']}/{total}" if total else f"step {st['step']}"
+    ranks = f", {st['world_size']} ranks" if st.get("world_size", 1) > 1 else ""
+    last = st.get("last_checkpoint") or "none yet"
+    return f"{st['state']} at {steps} (pid {st['pid']}{ranks}); last checkpoint: {last}"
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
+
+    @app.command()
+    @friendly_errors
+    def attach(run_dir: str = RUN_DIR) -> None:
+        """Open the dashboard on a running run (q leaves it running), or read-only on a finished one."""
+        from .control import attach_run
+
+        attach_run(run_dir)
+
+    @app.command()
+    @friendly_errors
+    def status(run_dir: str = RUN_DIR) -> None:
+        """Print the state of a running run."""
+        from engine.control import ControlClient
+
+        print(_status_line(ControlClient(run_dir).call("status")))
+
+    @app.command()
+    @friendly_errors
+    def pause(run_dir: str = RUN_DIR, wait: float = WAIT) -> None:
+        """Pause a running run at the end of its current step."""
+        from engine.control import ControlClient
+
+        st = ControlClient(run_dir).call("status")
+        if st["paused"]:
+            print(f"already paused at step {st['step']}")
+            return
+        rec = _command(run_dir, "pause", _is_state("paused", *_ENDED), wait)
+        print(_outcome(rec, "paused", "pause requested: the run pauses at the end of its current step"))
+
+    @app.command()
+    @friendly_errors
+    def resume(run_dir: str = RUN_DIR, wait: float = WAIT) -> None:
+        """Resume a paused run."""
+        from engine.control import ControlClient
+
+        if not ControlClient(run_dir).call("status")["paused"]:
+            print("the run is not paused")
+            return
+        rec = _command(run_dir, "resume", _is_state("running", *_ENDED), wait)
+        print(_outcome(rec, "running", "resume requested"))
+
+    @app.command()
+    @friendly_errors
+    def checkpoint(run_dir: str = RUN_DIR, wait: float = WAIT) -> None:
+        """Write a checkpoint of a running run now (at the end of its current step)."""
+        rec = _command(run_dir, "checkpoint", lambda r: r.get("type") == "checkpoint" or _ended(r), wait)
+        if rec is not None and rec.get("type") == "checkpoint":
+            print(f"checkpoint: {rec['path']}")
+        else:
+            print(_outcome(rec, "", "checkpoint requested: it is written at the end of the current step"))
+
+    @app.command(name="eval")
+    @friendly_errors
+    def eval_(run_dir: str = RUN_DIR, wait: float = WAIT) -> None:
+        """Evaluate a running run's train and val loss now."""
+        rec = _command(run_dir, "eval", lambda r: r.get("type") == "eval" or _ended(r), wait)
+        if rec is not None and rec.get("type") == "eval":
+            print(f"eval step {rec['step']}: train loss {rec['train_loss']:.4f} | val loss {rec['val_loss']:.4f}")
+        else:
+            print(_outcome(rec, "", "eval requested"))
+
+    @app.command()
+    @friendly_errors
+    def stop(
+        run_dir: str = RUN_DIR,
+        save: bool = typer.Option(True, "--save/--no-save", help="Write a checkpoint before stopping."),
+        wait: float = typer.Option(120.0, "--wait", help="Seconds to wait for the run to stop (0: do not wait)."),
+    ) -> None:
+        """Stop a running run (after a checkpoint, unless --no-save)."""
+        saved: list[str] = []
+
+        def done(rec: dict[str, Any]) -> bool:
+            if rec.get("type") == "checkpoint":
+                saved.append(rec["path"])
+            return _ended(rec)
+
+        rec = _command(run_dir, "stop", done, wait, save=save)
+        print(_outcome(rec, "", "stop requested: the run stops at the end of its current step"))
+        if saved:
+            print(f"checkpoint: {saved[-1]}")
+
+
+_ENDED = ("finished", "stopped", "failed")
+
+
+def _ended(rec: dict[str, Any]) -> bool:
+    return rec.get("type") == "failed" or (rec.get("type") == "state" and rec.get("state") in _ENDED)
+
+
+def _outcome(rec: dict[str, Any] | None, wanted: str, pending: str) -> str:
+    """What happened, from the event waited for (None: not yet)."""
+    if rec is None:
+        return pending
+    if rec.get("type") == "failed":
+        return f"the run failed at step {rec.get('step')}: {rec.get('error')}"
+    state, msg = rec.get("state"), rec.get("message")
+    if state != wanted and state in _ENDED:
+        return f"the run {state} at step {rec.get('step')}" + (f" ({msg})" if msg else "")
+    return f"{state} at step {rec.get('step')}" + (f" ({msg})" if msg else "")

@@ -1,0 +1,508 @@
+"""A run's control channel: a Unix socket owned by the training process.
+
+The client side imports no torch, so that shell commands answer quickly.
+
+The socket is ``RUN/control.sock`` (or, where that path is too long for a socket, a file in a
+private ``gpt-tui-UID`` folder of the temp dir, named in ``RUN/control.json``). Only the owner
+can use it: the socket is mode 0600 and each peer's user id is checked where the OS reports it.
+
+The protocol is newline-delimited JSON. A request is one object ``{"cmd": NAME, ...}``; the reply
+is one object ``{"ok": true, ...}`` or ``{"ok": false, "error": MESSAGE}``. Commands:
+
+``status``, ``pause``, ``resume``, ``toggle_pause``, ``checkpoint``, ``eval``,
+``generate`` (``prompt``, ``settings``: SampleSettings fields, ``raw``; replies with the ``id``
+of the GenerateEvents), ``cancel_generation``, ``stop`` (``save``), and ``subscribe``: after its
+reply the connection streams every event the engine emits, one ``{"event": RECORD}`` per line
+(the records of ``metrics.jsonl``, plus streamed generations). Several connections may subscribe.
+
+A socket left by a process that died is detected (nothing accepts on it) and replaced.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import queue
+import socket
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, fields
+from typing import TYPE_CHECKING, Any
+
+from .errors import GptTuiError
+from .events import Event, MultiSink, read_metrics
+
+if TYPE_CHECKING:
+    from .sampling import SampleSettings
+
+SOCKET_NAME = "control.sock"
+INFO_NAME = "control.json"
+MAX_SOCKET_PATH = 100  # sun_path holds 104-108 bytes depending on the OS
+FINAL_STATES = ("finished", "stopped", "failed")
+
+
+class ControlError(GptTuiError):
+    """The control channel of a run cannot be used."""
+
+
+# ================================================================== locating
+def socket_path_for(run_dir: str) -> str:
+    """Where a run's socket goes: in the run directory, or a short private path when that is too long."""
+    p = os.path.join(os.path.abspath(run_dir), SOCKET_NAME)
+    if len(p.encode()) <= MAX_SOCKET_PATH:
+        return p
+    d = os.path.join(tempfile.gettempdir(), f"gpt-tui-{os.getuid()}")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    os.chmod(d, 0o700)
+    digest = hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:20]
+    return os.path.join(d, f"{digest}.sock")
+
+
+def read_info(run_dir: str) -> dict[str, Any] | None:
+    """``RUN/control.json`` (socket path, pid, host) of the process serving the run, if any."""
+    try:
+        with open(os.path.join(run_dir, INFO_NAME)) as f:
+            info = json.load(f)
+        return info if isinstance(info, dict) else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_run_dir(run_dir: str) -> bool:
+    return os.path.isdir(run_dir) and (
+        os.path.exists(os.path.join(run_dir, "metrics.jsonl")) or os.path.exists(os.path.join(run_dir, "config.json"))
+    )
+
+
+def last_state(run_dir: str) -> tuple[str | None, int]:
+    """The last recorded state of a run (from metrics.jsonl) and its last step."""
+    state, step = None, 0
+    for rec in read_metrics(os.path.join(run_dir, "metrics.jsonl")):
+        t = rec.get("type")
+        if t == "state":
+            state = rec.get("state")
+        elif t == "failed":
+            state = "failed"
+        elif t == "start":
+            state = "ready"
+        if isinstance(rec.get("step"), int) and t in ("step", "state"):
+            step = rec["step"]
+    return state, step
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ==================================================================== server
+def _peer_uid(conn: socket.socket) -> int | None:
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)[1]
+
+
+def _answers(path: str) -> bool:
+    """Whether a live process accepts connections on the socket at ``path``."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2.0)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+class _Subscriber:
+    """One viewer's event stream: a bounded queue drained by its own writer thread."""
+
+    def __init__(self, conn: socket.socket, lock: threading.Lock, on_drop: Any, first: bytes) -> None:
+        self.conn = conn
+        self.lock = lock
+        self.on_drop = on_drop
+        self.q: queue.Queue[bytes | None] = queue.Queue(maxsize=20000)
+        self.q.put(first)  # the reply to subscribe goes out before any event
+        self.alive = True
+        self.thread = threading.Thread(target=self._run, name="gpt-tui-viewer", daemon=True)
+        self.thread.start()
+
+    def push(self, line: bytes | None) -> None:
+        if not self.alive:
+            return
+        try:
+            self.q.put_nowait(line)
+        except queue.Full:  # a viewer that stopped reading is dropped, never waited for
+            self.drop()
+
+    def drop(self) -> None:
+        if self.alive:
+            self.alive = False
+            with contextlib.suppress(OSError):
+                self.conn.shutdown(socket.SHUT_RDWR)
+            self.on_drop(self)
+
+    def _run(self) -> None:
+        while self.alive:
+            line = self.q.get()
+            if line is None:
+                break
+            try:
+                with self.lock:
+                    self.conn.sendall(line)
+            except OSError:
+                break
+        self.drop()
+
+
+class ControlServer:
+    """Serves a trainer's commands and events on the run's socket (see the module docstring).
+
+    Thread-safe: the engine thread only calls :meth:`emit` (which never blocks); connections
+    are handled in their own threads and reach the trainer only through its command methods.
+    """
+
+    def __init__(self, trainer: Any, run_dir: str | None = None) -> None:
+        self.trainer = trainer
+        self.run_dir = os.path.abspath(run_dir or trainer.run_dir)
+        self.path = socket_path_for(self.run_dir)
+        self._listener: socket.socket | None = None
+        self._subs: list[_Subscriber] = []
+        self._lock = threading.Lock()
+        self._cmd_lock = threading.Lock()
+        self._closed = threading.Event()
+
+    # ----------------------------------------------------------- lifecycle
+    def start(self) -> ControlServer:
+        """Bind the socket (replacing a stale one), write control.json, start accepting, hook into events."""
+        if os.path.exists(self.path):
+            if _answers(self.path):
+                info = read_info(self.run_dir) or {}
+                raise ControlError(
+                    f"run {self.run_dir} is already being trained by process {info.get('pid', '?')}",
+                    f"stop it first (gpt-tui stop {self.run_dir}) or train into another --out",
+                )
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)  # left by a process that died
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # created 0600: no window where others could connect
+        try:
+            s.bind(self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        s.listen(16)
+        s.settimeout(0.5)
+        self._listener = s
+        from .checkpoint import write_json_atomic
+
+        write_json_atomic(os.path.join(self.run_dir, INFO_NAME), {
+            "socket": self.path, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+        })
+        threading.Thread(target=self._accept_loop, name="gpt-tui-control", daemon=True).start()
+        self.trainer.sink = MultiSink([self.trainer.sink, self])
+        atexit.register(self.close)
+        return self
+
+    def close(self) -> None:
+        """Stop serving: deliver what viewers have queued, remove the socket and control.json."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.close()
+        info = read_info(self.run_dir) or {}
+        if info.get("pid") == os.getpid():
+            for p in (self.path, os.path.join(self.run_dir, INFO_NAME)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
+        with self._lock:
+            subs = list(self._subs)
+        for sub in subs:
+            sub.push(None)
+        for sub in subs:
+            sub.thread.join(timeout=2.0)
+
+    # -------------------------------------------------------------- events
+    def emit(self, event: Event) -> None:
+        """Sink interface: fan an event out to the subscribed viewers (never blocks)."""
+        with self._lock:
+            if not self._subs:
+                return
+            subs = list(self._subs)
+        line = (json.dumps({"event": event.to_record()}, ensure_ascii=False) + "\n").encode()
+        for sub in subs:
+            sub.push(line)
+
+    def _drop(self, sub: _Subscriber) -> None:
+        with self._lock:
+            if sub in self._subs:
+                self._subs.remove(sub)
+
+    # --------------------------------------------------------- connections
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._listener.accept()  # type: ignore[union-attr]
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            uid = _peer_uid(conn)
+            if uid is not None and uid != os.getuid():
+                conn.close()
+                continue
+            conn.settimeout(None)
+            threading.Thread(target=self._serve, args=(conn,), name="gpt-tui-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        lock = threading.Lock()
+        sub: _Subscriber | None = None
+        try:
+            with conn, conn.makefile("rb") as rf:
+                for raw in rf:
+                    try:
+                        req = json.loads(raw)
+                        if not isinstance(req, dict):
+                            raise ValueError("a request is a JSON object")
+                        reply = self.handle(req)
+                    except (ValueError, TypeError, GptTuiError) as e:
+                        reply = {"ok": False, "error": str(e)}
+                    if reply.pop("_subscribe", False) and sub is None:
+                        # Every event emitted before this point is already in metrics.jsonl.
+                        sub = _Subscriber(conn, lock, self._drop, (json.dumps(reply) + "\n").encode())
+                        with self._lock:
+                            self._subs.append(sub)
+                        continue
+                    with lock:
+                        conn.sendall((json.dumps(reply) + "\n").encode())
+        except OSError:
+            pass
+        finally:
+            if sub is not None:
+                sub.drop()
+
+    def status(self) -> dict[str, Any]:
+        t = self.trainer
+        return {
+            "ok": True, "pid": os.getpid(), "run_dir": self.run_dir, "state": t.state, "step": t.step,
+            "total_steps": getattr(t, "total_steps", None), "paused": t.paused, "tokens_seen": t.tokens_seen,
+            "world_size": t.world, "last_checkpoint": t.last_checkpoint,
+        }
+
+    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Carry out one request through the trainer's thread-safe commands; returns the reply."""
+        t = self.trainer
+        cmd = req.get("cmd")
+        with self._cmd_lock:
+            if cmd == "status":
+                return self.status()
+            if cmd == "subscribe":
+                return dict(self.status(), _subscribe=True)
+            if cmd == "pause":
+                t.pause()
+            elif cmd == "resume":
+                t.resume()
+            elif cmd == "toggle_pause":
+                return {"ok": True, "paused": t.toggle_pause()}
+            elif cmd == "checkpoint":
+                t.request_checkpoint()
+            elif cmd == "eval":
+                t.request_eval()
+            elif cmd == "generate":
+                prompt = req.get("prompt")
+                if not isinstance(prompt, str):
+                    raise ValueError("generate needs a prompt string")
+                settings = settings_from_dict(req.get("settings") or {})
+                return {"ok": True, "id": t.request_generate(prompt, settings, bool(req.get("raw", False)))}
+            elif cmd == "cancel_generation":
+                t.cancel_generation()
+            elif cmd == "stop":
+                t.stop(save=bool(req.get("save", True)))
+            else:
+                raise ValueError(f"unknown command {cmd!r}")
+            return self.status()
+
+
+def settings_from_dict(d: dict[str, Any]) -> SampleSettings:
+    from .sampling import SampleSettings
+
+    names = {f.name for f in fields(SampleSettings)}
+    unknown = [k for k in d if k not in names]
+    if unknown:
+        raise ValueError(f"unknown sample setting(s) {', '.join(unknown)}")
+    return SampleSettings(**d)
+
+
+def settings_to_dict(s: SampleSettings | None) -> dict[str, Any]:
+    return asdict(s) if s is not None else {}
+
+
+def serve(trainer: Any) -> ControlServer | None:
+    """Open the control channel of a set-up trainer (rank 0 only under torchrun)."""
+    if not getattr(trainer, "is_main", True):
+        return None
+    return ControlServer(trainer).start()
+
+
+# ==================================================================== client
+class ControlClient:
+    """Talks to a run's control channel; raises :class:`ControlError` with a fix when it cannot."""
+
+    def __init__(self, run_dir: str, timeout: float = 10.0) -> None:
+        self.run_dir = os.path.abspath(run_dir)
+        self.timeout = timeout
+
+    def socket_path(self) -> str:
+        info = read_info(self.run_dir) or {}
+        return info.get("socket") or os.path.join(self.run_dir, SOCKET_NAME)
+
+    def connect(self) -> socket.socket:
+        """A connected socket, or a ControlError saying why there is no live run to talk to."""
+        if not is_run_dir(self.run_dir):
+            raise ControlError(f"{self.run_dir} is not a gpt-tui run directory (no metrics.jsonl or config.json)",
+                               "give the directory a `gpt-tui train` run writes to (its --out)")
+        path = self.socket_path()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(path)
+        except PermissionError:
+            s.close()
+            raise ControlError(f"no permission to use the control channel of {self.run_dir}",
+                               "only the user who started the run can control it") from None
+        except OSError as e:
+            s.close()
+            if e.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK):
+                raise ControlError(f"cannot reach the run in {self.run_dir} ({e.strerror or e})",
+                                   "check that its process is running") from None
+            raise self.not_running() from None
+        return s
+
+    def not_running(self) -> ControlError:
+        """The error for a run with no live process: finished, or died (offer --resume)."""
+        state, step = last_state(self.run_dir)
+        if state in FINAL_STATES:
+            err = ControlError(f"run {self.run_dir} is not running (it {state} at step {step})",
+                               f"open it read-only with gpt-tui attach {self.run_dir}, or continue it with "
+                               f"gpt-tui train --resume {self.run_dir} --detach")
+        else:
+            info = read_info(self.run_dir) or {}
+            who = f"process {info['pid']}" if info.get("pid") else "its process"
+            err = ControlError(f"run {self.run_dir} is not running: {who} ended without finishing (last step {step})",
+                               f"continue it with gpt-tui train --resume {self.run_dir} --detach")
+        return err
+
+    def call(self, cmd: str, **args: Any) -> dict[str, Any]:
+        """Send one command; returns the reply (raises ControlError when the run refuses it)."""
+        with contextlib.closing(self.connect()) as s:
+            reply = _LineReader(s).request(cmd, args)
+        if not reply.get("ok"):
+            raise ControlError(f"the run refused {cmd}: {reply.get('error', 'no reason given')}")
+        return reply
+
+    def subscribe(self) -> EventStream:
+        """A live stream of the run's events (its first reply is the status)."""
+        s = self.connect()
+        reader = _LineReader(s)
+        try:
+            status = reader.request("subscribe", {})
+        except BaseException:
+            s.close()
+            raise
+        return EventStream(reader, status)
+
+
+class _LineReader:
+    """JSON lines from a socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def line(self) -> dict[str, Any] | None:
+        """The next JSON object, or None at the end of the stream."""
+        while True:
+            while b"\n" not in self.buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return None
+                self.buf += chunk
+            raw, self.buf = self.buf.split(b"\n", 1)
+            try:
+                msg = json.loads(raw)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(msg, dict):
+                return msg
+
+    def request(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            self.sock.sendall((json.dumps({"cmd": cmd, **args}) + "\n").encode())
+            reply = self.line()
+        except OSError as e:
+            raise ControlError(f"the run stopped answering ({e})", "check its log") from None
+        if reply is None:
+            raise ControlError("the run closed the control channel before answering", "check its log")
+        return reply
+
+
+class EventStream:
+    """Event records from a subscribed connection; iteration ends when the run closes it."""
+
+    def __init__(self, reader: _LineReader, status: dict[str, Any]) -> None:
+        self.reader = reader
+        self.sock = reader.sock
+        self.status = status
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.sock.settimeout(None)
+        while True:
+            try:
+                msg = self.reader.line()
+            except OSError:
+                return
+            if msg is None:
+                return
+            if isinstance(msg.get("event"), dict):
+                yield msg["event"]
+
+    def wait_for(self, predicate: Any, timeout: float) -> dict[str, Any] | None:
+        """The first event record for which ``predicate(record)`` is true, or None (timeout or end)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.sock.settimeout(left)
+            try:
+                msg = self.reader.line()
+            except OSError:
+                return None
+            if msg is None:
+                return None
+            rec = msg.get("event")
+            if isinstance(rec, dict) and predicate(rec):
+                return rec
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
