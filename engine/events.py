@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Protocol
 
 
@@ -290,7 +290,7 @@ def event_from_record(rec: dict) -> Event | None:
     cls = EVENT_TYPES.get(rec.get("type", ""))
     if cls is None:
         return None
-    names = set(cls.__dataclass_fields__)
+    names = {f.name for f in fields(cls)}  # not the ClassVar `type`
     try:
         return cls(**{k: v for k, v in rec.items() if k in names})
     except TypeError:
