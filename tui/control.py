@@ -175,13 +175,15 @@ def attach_run(run_dir: str) -> None:
     from .app import DashboardApp
     from .common import fail, has_terminal
 
+    controller, recorder, read_only = open_run(run_dir)  # errors first: not a run, process died
     if not has_terminal():
-        fail("attach needs a terminal to draw the dashboard on: run it in a terminal (or use gpt-tui status RUN_DIR)")
-    controller, recorder, read_only = open_run(run_dir)
+        controller.close()
+        fail(f"attach needs a terminal to draw the dashboard on: run it in a terminal (or gpt-tui status {run_dir})")
     try:
         DashboardApp(controller, recorder, run_dir=os.path.abspath(run_dir), read_only=read_only,
                      owns_engine=False).run()
+        live = not read_only and controller.connected
     finally:
         controller.close()
-    if not read_only and getattr(controller, "connected", False):
+    if live:
         print(f"detached; the run goes on. Attach again: gpt-tui attach {run_dir}   stop it: gpt-tui stop {run_dir}")

@@ -1,0 +1,204 @@
+"""The control channel of a run: shell commands, viewers, stale sockets, detach and attach in tmux."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.control import SOCKET_NAME, ControlClient, ControlError
+from engine.events import read_metrics
+
+from .conftest import run_cli
+
+GPT_TUI = str(Path(sys.executable).parent / "gpt-tui")
+
+# A run far longer than any test: the tests stop it through the channel.
+LONG_RUN = ["--preset", "tiny", "--tokenizer", "char", "--context", "32", "--n-layer", "1", "--n-head", "2",
+            "--n-embd", "32", "--batch-size", "2", "--max-steps", "1000000", "--eval-every", "0",
+            "--eval-batches", "2", "--sample-every", "0", "--dtype", "fp32", "--device", "cpu", "--threads", "1"]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def start_headless(corpus: Path, out: Path, *extra: str) -> subprocess.Popen:
+    """A headless run in a subprocess, returned once its control channel answers."""
+    proc = subprocess.Popen([GPT_TUI, "train", "--headless", "--data", str(corpus), *LONG_RUN, "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    wait_serving(out, proc)
+    return proc
+
+
+def wait_serving(out: Path, proc: subprocess.Popen | None = None, timeout: float = 90) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run exited early: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            st = ControlClient(str(out), timeout=2).call("status")
+            if st["step"] > 0:
+                return st
+        except ControlError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{out} never served its control channel")
+
+
+def status(out: Path) -> dict:
+    return ControlClient(str(out)).call("status")
+
+
+def cli_ok(*args: str) -> str:
+    r = run_cli(*args, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_shell_commands_drive_a_headless_run(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = start_headless(corpus, out)
+    try:
+        sock = out / SOCKET_NAME
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600  # only the owner
+        assert json.loads((out / "control.json").read_text())["pid"] == proc.pid
+
+        said = cli_ok("pause", str(out))
+        assert said.startswith("paused at step")
+        step = status(out)["step"]
+        time.sleep(0.6)
+        st = status(out)
+        assert st["paused"] and st["state"] == "paused" and st["step"] == step  # no compute while paused
+        assert "already paused" in cli_ok("pause", str(out))
+
+        said = cli_ok("checkpoint", str(out))
+        path = said.split("checkpoint: ")[1].strip()
+        assert Path(path).exists() and f"{step:08d}" in path
+        assert cli_ok("eval", str(out)).startswith(f"eval step {step}:")
+
+        # Two viewers at once, and a generation from the live weights streamed to them.
+        streams = [ControlClient(str(out)).subscribe() for _ in range(2)]
+        rid = ControlClient(str(out)).call("generate", prompt="It had", settings={"max_new_tokens": 5, "seed": 1})["id"]
+        for s in streams:
+            done = s.wait_for(lambda r: r.get("type") == "generate" and r.get("done"), 30)
+            assert done is not None and done["request_id"] == rid
+            s.close()
+
+        assert cli_ok("resume", str(out)).startswith("running")
+        deadline = time.monotonic() + 30
+        while status(out)["step"] <= step and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status(out)["step"] > step
+
+        said = cli_ok("stop", str(out))
+        assert "the run stopped at step" in said and "checkpoint:" in said
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not sock.exists() and not (out / "control.json").exists()
+    states = [r["state"] for r in read_metrics(str(out / "metrics.jsonl")) if r["type"] == "state"]
+    assert states[-1] == "stopped" and "paused" in states
+
+
+@pytest.mark.slow
+def test_not_a_run_dead_run_and_stale_socket(corpus: Path, tmp_path: Path) -> None:
+    r = run_cli("pause", str(tmp_path))
+    assert r.returncode != 0 and "not a gpt-tui run directory" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("attach", str(tmp_path / "nowhere"))
+    assert r.returncode != 0 and "not a gpt-tui run directory" in r.stderr
+
+    out = tmp_path / "run"
+    proc = start_headless(corpus, out, "--checkpoint-every", "50")
+    deadline = time.monotonic() + 60
+    while not list((out / "checkpoints").glob("*.meta.json")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)  # dies without cleaning up: the socket stays behind
+    proc.wait(timeout=30)
+    assert (out / SOCKET_NAME).exists()
+
+    for cmd in ("status", "attach"):
+        r = run_cli(cmd, str(out))
+        assert r.returncode != 0, cmd
+        assert "ended without finishing" in r.stderr and f"--resume {out}" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+
+    # Resuming replaces the stale socket; the new process answers.
+    proc = subprocess.Popen([GPT_TUI, "train", "--headless", "--resume", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=_env())
+    try:
+        st = wait_serving(out, proc)
+        assert st["pid"] == proc.pid
+        assert "the run stopped" in cli_ok("stop", str(out), "--no-save")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    r = run_cli("status", str(out))
+    assert r.returncode != 0 and "is not running (it stopped" in r.stderr
+
+
+# ---------------------------------------------------------------------- tmux
+def _tmux(*args: str) -> str:
+    return subprocess.run(["tmux", *args], capture_output=True, text=True, timeout=30).stdout
+
+
+def _screen(session: str) -> str:
+    return _tmux("capture-pane", "-t", session, "-p")
+
+
+def _wait_screen(session: str, text: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        screen = _screen(session)
+        if text in screen:
+            return screen
+        time.sleep(0.3)
+    raise AssertionError(f"{text!r} never appeared on the screen:\n{_screen(session)}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_detach_then_attach_in_tmux(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = run_cli("train", "--data", str(corpus), *LONG_RUN, "--out", str(out), "--detach", env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert f"gpt-tui attach {out}" in r.stdout and (out / "train.log").exists()
+    pid = status(out)["pid"]
+    session = f"gpt-tui-attach-{os.getpid()}"
+    env = f"GPT_TUI_CACHE={os.environ['GPT_TUI_CACHE']} TERM=xterm-256color"
+    try:
+        _tmux("new-session", "-d", "-s", session, "-x", "140", "-y", "40",
+              f"env {env} {GPT_TUI} attach {out}; echo ATTACH-EXIT=$?; sleep 60")
+        _wait_screen(session, "RUNNING")
+        _tmux("send-keys", "-t", session, "p")
+        _wait_screen(session, "PAUSED")
+        assert status(out)["state"] == "paused"
+        _tmux("send-keys", "-t", session, "p")
+        _wait_screen(session, "RUNNING")
+        _tmux("send-keys", "-t", session, "q")
+        screen = _wait_screen(session, "ATTACH-EXIT=0")
+        assert "the run goes on" in screen
+        step = status(out)["step"]
+        deadline = time.monotonic() + 30
+        while status(out)["step"] <= step and time.monotonic() < deadline:
+            time.sleep(0.1)
+        st = status(out)
+        assert st["state"] == "running" and st["step"] > step and st["pid"] == pid  # training continued
+    finally:
+        _tmux("kill-session", "-t", session)
+        said = run_cli("stop", str(out)).stdout
+    assert "the run stopped" in said
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "stopped:" in (out / "train.log").read_text()
