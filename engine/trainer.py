@@ -167,8 +167,9 @@ class Trainer:
 
     def setup(self) -> None:
         """Resolve device, data, tokenizer, model, optimizer and (on --resume) the saved state."""
-        cfg = self.cfg
         self._setup_distributed()
+        resume_ckpt = self._load_resume() if self.cfg.resume else None
+        cfg = self.cfg  # on --resume: the checkpoint's settings plus the safe changes
         self.device = resolve_device(cfg.device)
         if self.world > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -179,26 +180,10 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.autocast = autocast_factory(self.device, self.dtype)
 
-        resume_ckpt = None
-        if cfg.resume:
-            resume_path = ck.resolve_checkpoint(cfg.resume)
-            resume_ckpt = ck.load_checkpoint(resume_path)
-            saved_cfg = TrainConfig.from_dict(resume_ckpt["train_config"])
-            self.config_changes = self._diff_config(saved_cfg, cfg)
-            # the effective config: the saved one with the safe changes applied
-            merged = saved_cfg.to_dict()
-            explicit = getattr(cfg, "_explicit", None)
-            for k in SAFE_ON_RESUME:
-                if explicit is None or k in explicit:
-                    merged[k] = getattr(cfg, k)
-            merged["resume"] = cfg.resume
-            if not cfg.out:
-                merged["out"] = os.path.dirname(os.path.dirname(os.path.abspath(resume_path)))
-            self.cfg = cfg = TrainConfig.from_dict(merged)
-        else:
-            self.config_changes = []
-
         self.run_dir = os.path.abspath(cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
+        if resume_ckpt is None:
+            self.config_changes = []
+            ck.check_new_run_dir(self.run_dir)
         from .distributed import main_first
 
         with main_first(self):  # under torchrun rank 0 tokenizes into the shared cache first
@@ -207,6 +192,11 @@ class Trainer:
         self.setup_schedule()
         if resume_ckpt is not None:
             self._restore(resume_ckpt)
+            if self.step >= self.total_steps and not self.with_ui:
+                raise GptTuiError(
+                    f"the run in {self.run_dir} already finished ({self.step} of {self.total_steps} steps)",
+                    "give a larger --max-steps or --epochs to train it further",
+                )
         if self.is_main:
             os.makedirs(ck.ckpt_dir(self.run_dir), exist_ok=True)
             ck.write_json_atomic(os.path.join(self.run_dir, "config.json"), self.run_config())
@@ -231,6 +221,8 @@ class Trainer:
                 world_size=self.world,
             )
         )
+        for skipped in (self.restored or {}).get("skipped", []):
+            self._log(f"skipped damaged checkpoint {skipped}", "warning")
 
     def _setup_distributed(self) -> None:
         """Hook for torchrun (see engine.distributed); a single process by default."""
@@ -239,8 +231,40 @@ class Trainer:
 
             init_distributed(self)
 
-    def _diff_config(self, saved: TrainConfig, new: TrainConfig) -> list[str]:
+    def _load_resume(self) -> dict[str, Any]:
+        """Load the --resume checkpoint and make ``self.cfg`` its settings plus the safe changes."""
+        cfg = self.cfg
+        obj = ck.load_checkpoint(cfg.resume)
+        resume_path = obj["_path"]
+        saved_cfg = TrainConfig.from_dict(obj["train_config"])
+        self.config_changes = self._diff_config(saved_cfg, cfg, obj.get("model_config"))
+        merged = saved_cfg.to_dict()
+        explicit = getattr(cfg, "_explicit", None)
+        for k in self._safe_on_resume(saved_cfg, cfg):
+            if explicit is None or k in explicit:
+                merged[k] = getattr(cfg, k)
+        merged["resume"] = cfg.resume
+        if not cfg.out:
+            merged["out"] = os.path.dirname(os.path.dirname(os.path.abspath(resume_path)))
+        self.cfg = TrainConfig.from_dict(merged)
+        return obj
+
+    @staticmethod
+    def _safe_on_resume(saved: TrainConfig, new: TrainConfig) -> set[str]:
+        """Settings that may change on resume: SAFE_ON_RESUME, plus batch size and accumulation
+        when their product (the windows per step, hence the data order) stays the same."""
         explicit = getattr(new, "_explicit", None)
+
+        def eff(k: str) -> Any:
+            return getattr(new, k) if explicit is None or k in explicit else getattr(saved, k)
+
+        same_step = eff("batch_size") * eff("grad_accum") == saved.batch_size * saved.grad_accum
+        return SAFE_ON_RESUME | ({"batch_size", "grad_accum"} if same_step else set())
+
+    def _diff_config(self, saved: TrainConfig, new: TrainConfig, model_config: dict | None = None) -> list[str]:
+        """Changed settings on resume: the safe ones listed, any other refused with one line."""
+        explicit = getattr(new, "_explicit", None)
+        safe = self._safe_on_resume(saved, new)
         changes, unsafe = [], []
         for k, v in new.to_dict().items():
             if k in ("resume", "out"):
@@ -249,7 +273,13 @@ class Trainer:
                 continue
             old = getattr(saved, k)
             if old != v:
-                (changes if k in SAFE_ON_RESUME else unsafe).append(f"{k}: {old!r} -> {v!r}")
+                (changes if k in safe else unsafe).append(f"{k}: {old!r} -> {v!r}")
+        table = (model_config or {}).get("context_length")
+        if table and new.context and new.context > table and (explicit is None or "context" in explicit):
+            raise CheckpointError(
+                f"--context {new.context} is longer than the position table of the checkpoint's weights ({table})",
+                f"use --context {table} or less, or start a new run",
+            )
         if unsafe:
             raise GptTuiError(
                 f"cannot resume with changed setting(s) {'; '.join(unsafe)}",
@@ -382,6 +412,13 @@ class Trainer:
             "tokenizer": self.tokenizer.spec(),
             "world_size": self.world,
             "extra": self.checkpoint_extra(),
+            # where the data stream stands: the order is a pure function of (seed, epoch)
+            "data": {"seed": self.cfg.seed, "epoch": self.epoch, "step_in_epoch": self.step % self.steps_per_epoch,
+                     "windows_done": (self.step % self.steps_per_epoch) * self.global_batch * self.cfg.grad_accum,
+                     "train_windows": self.data.train.n_windows, "tokens": self.data.n_tokens},
+            "guard": {"recent_losses": list(self._recent_losses), "bad_steps": self._bad_steps},
+            "last_eval": list(self.last_eval) if self.last_eval else None,
+            "last_eval_step": getattr(self, "last_eval_step", None),
         }
 
     def checkpoint_extra(self) -> dict[str, Any]:
@@ -396,15 +433,21 @@ class Trainer:
             if not self.is_main:
                 return None
             path = ck.checkpoint_name(self.run_dir, self.step)
-            val = self.last_eval[1] if self.last_eval else None
+            fresh = self.last_eval is not None and getattr(self, "last_eval_step", None) == self.step
             meta = {
                 "step": self.step,
                 "epoch": self.epoch,
+                "total_steps": self.total_steps,
                 "tokens_seen": self.tokens_seen,
-                "train_loss": self.last_eval[0] if self.last_eval else None,
-                "val_loss": val,
+                # losses measured at this very step (None when the last eval is older)
+                "train_loss": self.last_eval[0] if fresh else None,
+                "val_loss": self.last_eval[1] if fresh else None,
+                "best_val": self.best_val,
                 "last_loss": self._recent_losses[-1] if self._recent_losses else None,
                 "n_params": self.model_ref.num_params(),
+                "model": self.model_ref.cfg.to_dict(),
+                "tokenizer": {"type": self.tokenizer.spec().get("type"), "vocab_size": self.tokenizer.vocab_size,
+                              "fingerprint": self.tokenizer.fingerprint()},
                 "kind": payload.get("kind", "full"),
                 "reason": reason,
             }
@@ -433,9 +476,20 @@ class Trainer:
         self.best_val = obj.get("best_val")
         if obj.get("world_size", 1) == self.world:
             ck.set_rng_state(obj["rng"])
+        guard = obj.get("guard") or {}
+        self._recent_losses.extend(guard.get("recent_losses", []))
+        self._bad_steps = int(guard.get("bad_steps", 0))
+        if obj.get("last_eval"):
+            self.last_eval = tuple(obj["last_eval"])
+            self.last_eval_step = obj.get("last_eval_step")
+        data = obj.get("data") or {}
+        if data.get("train_windows") not in (None, self.data.train.n_windows):
+            self.config_changes.append(
+                f"data: {data['train_windows']} -> {self.data.train.n_windows} training windows "
+                "(the data order from here on differs from the original run's)")
         self.restore_extra(obj.get("extra") or {})
         self.last_checkpoint = obj["_path"]
-        self.restored = {"path": obj["_path"], "step": self.step}
+        self.restored = {"path": obj["_path"], "step": self.step, "skipped": obj.get("_skipped", [])}
 
     def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
         self.model_ref.load_state_dict(state)
@@ -499,12 +553,13 @@ class Trainer:
         loss_v = self.reduce_loss(total)
         gnorm_v = float(gnorm)
         finite = math.isfinite(loss_v) and math.isfinite(gnorm_v)
-        if finite:
-            if self.scaler:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
+        if self.scaler and math.isfinite(loss_v):
+            # fp16: on overflowing gradients the scaler skips the update itself and lowers its scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            finite = True
+        elif finite:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_v, gnorm_v, not finite
 
@@ -534,6 +589,7 @@ class Trainer:
             self.model_ref.train(was)
         train_loss, val_loss = out
         self.last_eval = (train_loss, val_loss)
+        self.last_eval_step = self.step
         if self.best_val is None or val_loss < self.best_val:
             self.best_val = val_loss
         self.emit(EvalEvent(step=self.step, train_loss=train_loss, val_loss=val_loss, tokens_seen=self.tokens_seen))
@@ -696,15 +752,31 @@ class Trainer:
             raise
         except Exception as e:
             msg = f"{type(e).__name__}: {e}" if not isinstance(e, GptTuiError) else str(e)
-            if isinstance(e, torch.OutOfMemoryError):
-                msg = (f"out of memory at batch {cfg.batch_size} x context {self.context}: "
-                       f"try --batch-size {max(1, cfg.batch_size // 2)} --grad-accum {cfg.grad_accum * 2}")
+            oom = self._oom_error() if isinstance(e, torch.OutOfMemoryError) else None
+            if oom is not None:
+                msg = str(oom)
             self.emit(FailedEvent(step=self.step, error=msg, last_checkpoint=self.last_checkpoint))
             self._set_state("failed", msg)
+            if oom is not None:
+                raise oom from None
             raise
         finally:
             if self.metrics is not None:
                 self.metrics.close()
+
+    def _oom_error(self) -> GptTuiError:
+        """Out of memory: name the last good checkpoint and settings that need less memory."""
+        cfg, last = self.cfg, self.last_checkpoint or "none yet"
+        problem = (f"out of memory at step {self.step + 1} (batch {cfg.batch_size} x context {self.context}); "
+                   f"last good checkpoint: {last}")
+        if cfg.batch_size > 1:
+            p = next(i for i in range(2, cfg.batch_size + 1) if cfg.batch_size % i == 0)
+            b, a = cfg.batch_size // p, cfg.grad_accum * p
+            how = f"--resume {self.run_dir} " if self.last_checkpoint else ""
+            fix = f"run again with {how}--batch-size {b} --grad-accum {a} (the same tokens per step)"
+        else:
+            fix = f"start a new run with --context {max(1, self.context // 2)} or a smaller --preset"
+        return GptTuiError(problem, fix)
 
     def _serve_after_finish(self) -> None:
         """Carry out what is still queued; with a UI, keep serving (generate, eval) until stopped."""

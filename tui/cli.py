@@ -221,7 +221,25 @@ for _m in (cmd_gpt2, cmd_sample, cmd_speed, cmd_dist):
 
 
 def main() -> None:
-    app()
+    """Entry point: usage errors (unknown flag, bad value) as one line, like every other error."""
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+
+    try:
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError as e:
+        e.show()
+        code = e.exit_code
+    except UsageError as e:
+        cmd = e.ctx.command_path if e.ctx is not None else "gpt-tui"
+        print(f"gpt-tui: error: {e.format_message().rstrip('.')}: see `{cmd} --help`", file=sys.stderr)
+        code = e.exit_code
+    except ClickException as e:
+        print(f"gpt-tui: error: {e.format_message()}", file=sys.stderr)
+        code = e.exit_code
+    except typer.Abort:
+        print("gpt-tui: aborted", file=sys.stderr)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
