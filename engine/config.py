@@ -99,6 +99,19 @@ class TrainConfig:
     """Consecutive non-finite steps that pause (or stop) the run."""
     fsdp: bool = False
     """Shard parameters and optimizer state with FSDP under torchrun."""
+    # Instruction finetuning (``gpt-tui finetune``, engine.instruct); ignored by ``train``.
+    max_length: int | None = None
+    """Longest instruction example in tokens; longer ones are cut (default: the model's context)."""
+    mask_prompt: bool = True
+    """Leave the prompt tokens out of the loss, so only the response is learned."""
+    test_responses: int | None = None
+    """Test-split records answered at the end into RUN/test_responses.json (default: all; 0: none)."""
+    lora_rank: int = 0
+    """Rank of the LoRA adapters (0: full finetuning)."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator: adapters are scaled by alpha / rank."""
+    lora_layers: str = "attn,mlp"
+    """Comma list of the layers that get adapters: attn, mlp, head."""
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -197,5 +210,5 @@ def load_toml(path: str) -> dict[str, Any]:
 SAFE_ON_RESUME = {
     "epochs", "max_steps", "eval_every", "eval_batches", "sample_every", "prompt", "sample_tokens",
     "checkpoint_every", "keep_last", "device", "threads", "out", "resume", "spike_factor",
-    "max_bad_steps", "compile", "lr", "min_lr", "grad_clip", "data", "fsdp",
+    "max_bad_steps", "compile", "lr", "min_lr", "grad_clip", "data", "fsdp", "test_responses",
 }

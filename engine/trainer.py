@@ -293,10 +293,11 @@ class Trainer:
         if resume_ckpt is not None:
             tok = tokenizer_from_spec(resume_ckpt["tokenizer"])
         elif cfg.init:
-            tok = None  # decided by the init weights below
-            from .pretrained import init_tokenizer
+            from .pretrained import init_context_length, init_tokenizer
 
             tok = init_tokenizer(cfg.init)
+            if cfg.context is None:  # default: the init model's own context
+                cfg.context = init_context_length(cfg.init)
         elif cfg.effective_tokenizer() == "char":
             tok = build_char_tokenizer(files)
         else:
@@ -319,6 +320,10 @@ class Trainer:
         mcfg = self.cfg.model_config(vocab_size)
         return GPT(mcfg)
 
+    def prepare_model(self, model: GPT, resume_ckpt: dict | None) -> GPT:
+        """Hook between building the model and creating its optimizer (LoRA wraps layers here)."""
+        return model
+
     def setup_model(self, resume_ckpt: dict | None) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
@@ -333,6 +338,7 @@ class Trainer:
             model = load_init_model(cfg.init, cfg)
         else:
             model = self.build_model(self.tokenizer.vocab_size)
+        model = self.prepare_model(model, resume_ckpt)
         if self.context > model.cfg.context_length:
             raise GptTuiError(
                 f"context {self.context} is longer than the model's position table ({model.cfg.context_length})",
@@ -460,7 +466,7 @@ class Trainer:
             self._set_state(prev_state if prev_state != "saving" else "running")
 
     def _restore(self, obj: dict[str, Any]) -> None:
-        missing = describe_shape_mismatch(self.model_ref, obj["model"])
+        missing = self.state_mismatch(obj["model"])
         if missing:
             raise CheckpointError(
                 f"checkpoint {obj['_path']} does not fit this model ({'; '.join(missing[:4])})",
@@ -490,6 +496,10 @@ class Trainer:
         self.restore_extra(obj.get("extra") or {})
         self.last_checkpoint = obj["_path"]
         self.restored = {"path": obj["_path"], "step": self.step, "skipped": obj.get("_skipped", [])}
+
+    def state_mismatch(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """How a saved model state differs from the live model (empty when it fits)."""
+        return describe_shape_mismatch(self.model_ref, state)
 
     def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
         self.model_ref.load_state_dict(state)
