@@ -29,6 +29,7 @@ import datetime
 import os
 import queue
 import random
+import re
 import sys
 import threading
 import time
@@ -185,7 +186,8 @@ def is_peer_failure(e: BaseException) -> bool:
 
 def rank_lost(trainer: Any, e: BaseException) -> RankLostError:
     """The one-line error for a lost peer, naming the last checkpoint and how to resume."""
-    first = (str(e).strip().splitlines() or [""])[0][:160]
+    first = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [""])[0])  # gloo's source location
+    first = first.split(". ")[0][:120]
     run_dir = getattr(trainer, "run_dir", None) or "the run directory"
     last = trainer.last_checkpoint or "none written yet"
     return RankLostError(
