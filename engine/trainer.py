@@ -247,6 +247,9 @@ class Trainer:
         if not cfg.out:
             merged["out"] = os.path.dirname(os.path.dirname(os.path.abspath(resume_path)))
         self.cfg = TrainConfig.from_dict(merged)
+        from .distributed import keep_global_batch
+
+        self.config_changes += keep_global_batch(self.cfg, int(obj.get("world_size", 1)), self.world)
         return obj
 
     @staticmethod
