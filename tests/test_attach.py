@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -62,6 +63,95 @@ def cli_ok(*args: str) -> str:
     r = run_cli(*args, timeout=120)
     assert r.returncode == 0, r.stderr
     return r.stdout
+
+
+class FakeTrainer:
+    """The trainer's command surface, recording what the channel asked for."""
+
+    def __init__(self, run_dir: Path) -> None:
+        from engine.events import MultiSink
+
+        self.run_dir = str(run_dir)
+        self.sink = MultiSink([])
+        self.state, self.step, self.total_steps, self.tokens_seen = "running", 7, 100, 0
+        self.world, self.is_main, self.last_checkpoint = 1, True, None
+        self.paused = False
+        self.calls: list[tuple] = []
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def toggle_pause(self) -> bool:
+        self.paused = not self.paused
+        return self.paused
+
+    def request_checkpoint(self) -> None:
+        self.calls.append(("checkpoint",))
+
+    def request_eval(self) -> None:
+        self.calls.append(("eval",))
+
+    def request_generate(self, prompt, settings, raw=False) -> int:
+        self.calls.append(("generate", prompt, settings.max_new_tokens, raw))
+        return 42
+
+    def cancel_generation(self) -> None:
+        self.calls.append(("cancel",))
+
+    def stop(self, save: bool = True) -> None:
+        self.calls.append(("stop", save))
+
+    def emit(self, event) -> None:
+        self.sink.emit(event)
+
+
+def test_channel_in_process_long_path_stale_socket_and_viewers(tmp_path: Path) -> None:
+    from engine.control import ControlServer, read_info, socket_path_for
+    from engine.events import StepEvent
+    from tui.control import RemoteController
+
+    run = tmp_path / ("a-rather-long-run-directory-name-" * 3) / "run"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("")
+    trainer = FakeTrainer(run)
+    path = socket_path_for(str(run))
+    assert len(path) <= 100 and not path.startswith(str(run))  # too long for the run dir: a private folder
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # as left by a process that died
+    stale.bind(path)
+    stale.close()
+    server = ControlServer(trainer).start()
+    try:
+        assert read_info(str(run))["socket"] == path and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with pytest.raises(ControlError, match="already being trained"):
+            ControlServer(FakeTrainer(run)).start()
+
+        viewers = [RemoteController(str(run)).start() for _ in range(2)]
+        assert viewers[0].toggle_pause() is True and trainer.paused
+        viewers[1].request_checkpoint()
+        viewers[1].request_eval()
+        assert viewers[0].request_generate("hi", None) == 42
+        viewers[0].cancel_generation()
+        viewers[0].stop(save=False)
+        assert trainer.calls == [("checkpoint",), ("eval",), ("generate", "hi", 100, False), ("cancel",),
+                                 ("stop", False)]
+        trainer.emit(StepEvent(step=8, epoch=0, loss=1.5, lr=1e-3, grad_norm=1.0, tokens_seen=64,
+                               tokens_per_sec=1.0, step_time=0.1))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(v.recorder.last_step for v in viewers):
+            time.sleep(0.05)
+        assert all(v.recorder.last_step is not None and v.recorder.last_step.step == 8 for v in viewers)
+        with pytest.raises(ControlError, match="unknown command"):
+            ControlClient(str(run)).call("explode")
+    finally:
+        server.close()
+    assert not os.path.exists(path) and read_info(str(run)) is None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(v.connected for v in viewers):
+        time.sleep(0.05)
+    assert not any(v.connected for v in viewers)  # the viewers learn that the run went away
 
 
 def test_shell_commands_drive_a_headless_run(corpus: Path, tmp_path: Path) -> None:
