@@ -161,6 +161,9 @@ def test_shell_commands_drive_a_headless_run(corpus: Path, tmp_path: Path) -> No
         sock = out / SOCKET_NAME
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600  # only the owner
         assert json.loads((out / "control.json").read_text())["pid"] == proc.pid
+        # A second process may not train into a live run's directory.
+        r = run_cli("train", "--headless", "--data", str(corpus), *LONG_RUN, "--out", str(out))
+        assert r.returncode != 0 and f"already being trained by process {proc.pid}" in r.stderr
 
         said = cli_ok("pause", str(out))
         assert said.startswith("paused at step")
@@ -198,6 +201,7 @@ def test_shell_commands_drive_a_headless_run(corpus: Path, tmp_path: Path) -> No
     assert not sock.exists() and not (out / "control.json").exists()
     states = [r["state"] for r in read_metrics(str(out / "metrics.jsonl")) if r["type"] == "state"]
     assert states[-1] == "stopped" and "paused" in states
+    assert sum(r["type"] == "start" for r in read_metrics(str(out / "metrics.jsonl"))) == 1
 
 
 @pytest.mark.slow

@@ -107,6 +107,9 @@ def run_training(cfg: Any, headless: bool = False, detach: bool = False, trainer
     from engine.trainer import Trainer
 
     trainer_cls = trainer_cls or Trainer
+    from .control import refuse_live_run
+
+    refuse_live_run(cfg)  # one process per run directory
     if detach:
         from .detach import detach_run
 

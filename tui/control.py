@@ -30,6 +30,31 @@ if TYPE_CHECKING:
     from engine.sampling import SampleSettings
 
 
+def run_dir_of(cfg: Any) -> str | None:
+    """The run directory a training config writes to, when it is known before setup (--out, --resume)."""
+    if cfg.out:
+        return os.path.abspath(cfg.out)
+    if cfg.resume:
+        from engine.checkpoint import resolve_checkpoint
+
+        return os.path.dirname(os.path.dirname(os.path.abspath(resolve_checkpoint(cfg.resume))))
+    return None
+
+
+def refuse_live_run(cfg: Any) -> None:
+    """Fail when another process is training into the run directory of ``cfg``."""
+    run_dir = run_dir_of(cfg)
+    if run_dir is None or not is_run_dir(run_dir):
+        return
+    try:
+        st = ControlClient(run_dir, timeout=2.0).call("status")
+    except ControlError:
+        return
+    raise ControlError(f"run {run_dir} is already being trained by process {st['pid']}",
+                       f"attach with gpt-tui attach {run_dir}, stop it with gpt-tui stop {run_dir}, "
+                       "or choose another --out")
+
+
 def serve_control(trainer: Any) -> Any:
     """Open the control channel of a set-up trainer (only rank 0 serves under torchrun)."""
     return serve(trainer)

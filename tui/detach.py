@@ -22,13 +22,11 @@ READY_TIMEOUT = 120.0  # seconds to wait for the channel (tokenizing a large cor
 
 def _run_dir(cfg: Any) -> tuple[str, list[str]]:
     """The run directory of ``cfg`` and the flags to add so the background run uses it."""
-    if cfg is not None and cfg.out:
-        return os.path.abspath(cfg.out), []
-    if cfg is not None and cfg.resume:
-        from engine.checkpoint import resolve_checkpoint
+    from .control import run_dir_of
 
-        path = resolve_checkpoint(cfg.resume)
-        return os.path.dirname(os.path.dirname(os.path.abspath(path))), []
+    known = run_dir_of(cfg) if cfg is not None else None
+    if known:
+        return known, []
     out = os.path.abspath(os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
     return out, ["--out", out]
 
@@ -43,16 +41,7 @@ def background_args(argv: list[str], extra: list[str]) -> list[str]:
 
 def detach_run(argv: list[str], cfg: Any = None) -> None:
     """Start the run described by ``argv`` in the background and print how to attach to it."""
-    from engine.control import ControlClient, ControlError
-
     run_dir, extra = _run_dir(cfg)
-    try:
-        status = ControlClient(run_dir, timeout=2.0).call("status")
-    except ControlError:
-        status = None
-    if status is not None:
-        fail(f"run {run_dir} is already being trained by process {status['pid']}: "
-             f"attach with gpt-tui attach {run_dir}, or choose another --out")
     os.makedirs(run_dir, exist_ok=True)
     log_path = os.path.join(run_dir, LOG_NAME)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
