@@ -66,7 +66,12 @@ class ConsoleSink:
             self._print(f"eval  step {e.step}: train loss {e.train_loss:.4f} | val loss {e.val_loss:.4f}")  # type: ignore[attr-defined]
         elif t == "sample":
             text = e.text.replace("\n", " ")  # type: ignore[attr-defined]
-            self._print(f"sample step {e.step}: {text[:200]}")
+            if e.expected is not None:  # type: ignore[attr-defined]  # instruction finetuning
+                ask = e.prompt.replace("\n", " ")[:80]  # type: ignore[attr-defined]
+                want = e.expected.replace("\n", " ")[:120]  # type: ignore[attr-defined]
+                self._print(f"sample step {e.step}: {ask} -> {text[:160]!r} (expected {want!r})")
+            else:
+                self._print(f"sample step {e.step}: {text[:200]}")
         elif t == "checkpoint":
             self._print(f"checkpoint: {e.path}")  # type: ignore[attr-defined]
         elif t == "log" and e.level in ("warning", "error"):  # type: ignore[attr-defined]

@@ -1,0 +1,230 @@
+"""Instruction finetuning: Alpaca records, the template, the split, collate masks, FinetuneTrainer, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import TrainConfig
+from engine.errors import DataError
+from engine.events import Recorder
+from engine.inference import alpaca_prompt, load_for_inference
+from engine.instruct import FinetuneTrainer, collate, encode_records, load_records, split_records
+from engine.tokenizer import GPT2Tokenizer
+
+from .conftest import run_cli, shared
+from .gpt2_fixtures import tiny_gpt2_checkpoint
+
+P = 50256
+
+
+def make_records(n: int = 40) -> list[dict[str, str]]:
+    out = []
+    for i in range(n):
+        if i % 3 == 0:
+            out.append({"instruction": "Rewrite the word in capitals.", "input": f"word{i}", "output": f"WORD{i}"})
+        else:
+            out.append({"instruction": f"What is {i} plus one?", "input": "", "output": f"{i} plus one is {i + 1}."})
+    return out
+
+
+def write_records(path: Path, records: list[dict]) -> Path:
+    path.write_text(json.dumps(records, indent=1), encoding="utf-8")
+    return path
+
+
+def finetune_config(tmp_path: Path, init: Path, data: Path, **kw) -> TrainConfig:
+    base = dict(data=[str(data)], init=str(init), tokenizer="gpt2", max_steps=4, batch_size=2, eval_every=2,
+                eval_batches=2, sample_every="2", sample_tokens=4, lr=1e-3, dropout=0.0, device="cpu", dtype="fp32",
+                threads=1, out=str(tmp_path / "run"), warmup_steps=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ---------------------------------------------------------------- records
+def book_format_input(entry: dict) -> str:
+    """LLMs-from-scratch ch07 ``format_input``, verbatim in behaviour."""
+    instruction_text = (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        f"\n\n### Instruction:\n{entry['instruction']}"
+    )
+    input_text = f"\n\n### Input:\n{entry['input']}" if entry["input"] else ""
+    return instruction_text + input_text
+
+
+def test_book_file_loads_and_splits_85_10_5() -> None:
+    records = load_records(str(shared("instruction-data.json")))
+    assert len(records) == 1100
+    train, test, val = split_records(records)
+    assert (len(train), len(test), len(val)) == (935, 110, 55)
+    assert train[0] == records[0] and test[0] == records[935] and val[-1] == records[-1]
+
+
+def test_alpaca_52k_style_and_jsonl_load(tmp_path: Path) -> None:
+    # alpaca_data.json: a JSON list of objects with instruction / input / output (input often "")
+    p = tmp_path / "alpaca_data.json"
+    p.write_text(json.dumps([{"instruction": "Give three tips for staying healthy.", "input": "",
+                              "output": "1. Eat a balanced diet.\n2. Exercise.\n3. Sleep."},
+                             {"instruction": "Translate.", "input": "Hallo", "output": "Hello"}]))
+    assert load_records(str(p))[1] == {"instruction": "Translate.", "input": "Hallo", "output": "Hello"}
+    jl = tmp_path / "more.jsonl"
+    jl.write_text('{"instruction": "Say hi.", "output": "hi"}\n\n{"instruction": "x", "input": "y", "output": "z"}\n')
+    assert load_records(str(jl)) == [{"instruction": "Say hi.", "input": "", "output": "hi"},
+                                     {"instruction": "x", "input": "y", "output": "z"}]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('[{"instruction": "a", "output": "b"},', r"not valid JSON \(.* at line 1 column"),
+    ('{"instruction": "a"}', r"holds a JSON dict, not a list"),
+    ('[{"instruction": "a", "input": ""}]', r"record 0 of .* has no 'output' key \(keys: instruction, input\)"),
+    ('[{"instruction": "a", "output": "b"}, 3]', r"record 1 of .* is a int, not an object"),
+    ('[{"instruction": "a", "output": ["b"]}]', r"'output' is a list, not text"),
+    ('[]', r"holds no records"),
+])
+def test_bad_records_are_clear_errors(tmp_path: Path, content: str, message: str) -> None:
+    p = tmp_path / "bad.json"
+    p.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_records(str(p))
+
+
+def test_prompt_is_the_books_alpaca_template() -> None:
+    tok = GPT2Tokenizer()
+    recs = [{"instruction": "Name a fruit.", "input": "", "output": "An apple."},
+            {"instruction": "Fix the spelling.", "input": "freind", "output": "friend"}]
+    for (ids, n_prompt), r in zip(encode_records(tok, recs), recs, strict=True):
+        assert tok.decode(ids) == book_format_input(r) + f"\n\n### Response:\n{r['output']}"
+        assert tok.decode(ids[:n_prompt]) == book_format_input(r) + "\n\n### Response:\n"
+        assert tok.decode(ids[:n_prompt]) == alpaca_prompt(r["instruction"], r["input"])
+    # special-token text inside a record is plain text, never an end-of-text id
+    ids, _ = encode_records(tok, [{"instruction": "<|endoftext|>", "input": "", "output": "ok"}])[0]
+    assert P not in ids
+
+
+# ---------------------------------------------------------------- collate
+BOOK_BATCH = [([0, 1, 2, 3, 4], 3), ([5, 6], 1), ([7, 8, 9], 2)]  # the book's example, with prompt lengths
+
+
+def test_collate_matches_the_book_without_prompt_masking() -> None:
+    x, y = collate(BOOK_BATCH, mask_prompt=False)
+    assert x.tolist() == [[0, 1, 2, 3, 4], [5, 6, P, P, P], [7, 8, 9, P, P]]
+    assert y.tolist() == [[1, 2, 3, 4, P], [6, P, -100, -100, -100], [8, 9, P, -100, -100]]
+    assert x.dtype == y.dtype == torch.long
+
+
+def test_collate_masks_prompt_tokens() -> None:
+    x, y = collate(BOOK_BATCH)  # mask_prompt defaults on
+    assert x.tolist() == [[0, 1, 2, 3, 4], [5, 6, P, P, P], [7, 8, 9, P, P]]
+    # prompt tokens as targets are masked; the first response token is kept
+    assert y.tolist() == [[-100, -100, 3, 4, P], [6, P, -100, -100, -100], [-100, 9, P, -100, -100]]
+
+
+def test_collate_truncates_and_keeps_end_of_text_inside_text() -> None:
+    x, y = collate(BOOK_BATCH, max_length=3, mask_prompt=False)
+    assert x.tolist() == [[0, 1, 2], [5, 6, P], [7, 8, 9]]
+    assert y.tolist() == [[1, 2, 3], [6, P, -100], [8, 9, P]]
+    # an end-of-text id inside an example is a real target (only padding after the example is masked)
+    x, y = collate([([1, P, 2], 1), ([3], 1)], mask_prompt=False)
+    assert y.tolist() == [[P, 2, P], [P, -100, -100]]
+
+
+# ---------------------------------------------------------------- trainer
+@pytest.fixture
+def init_ckpt(tmp_path: Path) -> Path:
+    return tiny_gpt2_checkpoint(tmp_path / "init.pt")
+
+
+def test_finetune_trainer_end_to_end(tmp_path: Path, init_ckpt: Path) -> None:
+    records = make_records(40)
+    data = write_records(tmp_path / "data.json", records)
+    rec = Recorder()
+    t = FinetuneTrainer(finetune_config(tmp_path, init_ckpt, data), rec)
+    t.setup()
+    assert (t.data.train.n_windows, t.data.test.n_windows, t.data.val.n_windows) == (34, 4, 2)
+    assert t.context == 128 and t.steps_per_epoch == 17
+    x, y = t.micro_batch(0, 0)
+    assert x.shape == y.shape and x.shape[0] == 2
+    assert (y[:, 0] == -100).all()  # prompt tokens are not learned
+    assert t.prompt_template("Name a fruit.") == alpaca_prompt("Name a fruit.")
+    assert t.fit() == "finished"
+
+    snap = rec.snapshot()
+    samples = [s for s in snap["samples"] if s.step == 2]
+    assert [s.expected for s in samples] == [r["output"] for r in records[38:]]
+    assert samples[0].prompt == records[38]["instruction"]
+    assert [e.step for e in snap["evals"]][:1] == [2]
+
+    responses = json.loads((tmp_path / "run" / "test_responses.json").read_text())
+    assert [r["instruction"] for r in responses] == [r["instruction"] for r in records[34:38]]
+    assert all(set(r) == {"instruction", "input", "output", "model_response"} for r in responses)
+
+    lm = load_for_inference(str(tmp_path / "run"), "cpu")
+    assert lm.template == "alpaca" and lm.format_prompt("hi") == alpaca_prompt("hi")
+
+
+def test_max_length_drops_records_whose_prompt_fills_it(tmp_path: Path, init_ckpt: Path) -> None:
+    data = write_records(tmp_path / "data.json", make_records(40))
+    rec = Recorder()
+    t = FinetuneTrainer(finetune_config(tmp_path, init_ckpt, data, max_length=40), rec)
+    t.setup()
+    x, _ = t.micro_batch(0, 0)
+    assert x.shape[1] <= 40
+    # prompts have 36 tokens, or 45 with an input: those 14 records cannot teach anything in 40 tokens
+    assert t.data.dropped == 14
+    assert any("dropped" in e.message for e in rec.snapshot()["logs"])
+
+
+def test_finetune_needs_a_gpt2_tokenizer_and_fitting_max_length(tmp_path: Path, init_ckpt: Path,
+                                                                 corpus: Path) -> None:
+    from engine.errors import GptTuiError
+
+    data = write_records(tmp_path / "data.json", make_records(40))
+    with pytest.raises(GptTuiError, match=r"--max-length 500 is longer than the model's position table \(128\)"):
+        FinetuneTrainer(finetune_config(tmp_path, init_ckpt, data, max_length=500)).setup()
+
+
+def test_cli_finetune_headless(tmp_path: Path, init_ckpt: Path) -> None:
+    data = write_records(tmp_path / "data.json", make_records(40))
+    run = tmp_path / "run"
+    r = run_cli("finetune", "--init", str(init_ckpt), "--data", str(data), "--max-steps", "2", "--batch-size", "2",
+                "--no-mask-prompt", "--sample-every", "2", "--sample-tokens", "3", "--test-responses", "1",
+                "--eval-every", "0", "--eval-batches", "1", "--device", "cpu", "--headless", "--out", str(run))
+    assert r.returncode == 0, r.stderr
+    assert "(expected '" in r.stdout  # samples show the expected output beside the response
+    cfg = json.loads((run / "config.json").read_text())["train"]
+    assert cfg["mask_prompt"] is False and cfg["lr"] == 5e-5 and cfg["dropout"] == 0.0
+    assert len(json.loads((run / "test_responses.json").read_text())) == 1
+    r = run_cli("generate", str(run), "--prompt", "What is 2 plus one?", "-n", "3", "--seed", "0")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "DATA"], "finetune needs weights to start from: give --init"),
+    (["--init", "INIT", "--data", "BAD"], "is not valid JSON"),
+    (["--init", "INIT", "--data", "DATA", "--lora-rank", "4", "--lora-layers", "attn,ffn"],
+     "unknown LoRA layer group 'ffn'"),
+])
+def test_cli_finetune_errors_are_one_line(tmp_path: Path, init_ckpt: Path, args: list[str], message: str) -> None:
+    data = write_records(tmp_path / "data.json", make_records(40))
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{")
+    subst = {"DATA": str(data), "INIT": str(init_ckpt), "BAD": str(bad)}
+    r = run_cli("finetune", *[subst.get(a, a) for a in args], "--headless", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2
+    assert message in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_val_loss_falls_on_the_book_data(tmp_path: Path, init_ckpt: Path) -> None:
+    data = shared("instruction-data.json")
+    rec = Recorder()
+    t = FinetuneTrainer(finetune_config(tmp_path, init_ckpt, data, max_steps=30, batch_size=4, eval_every=10, lr=3e-3,
+                                        eval_batches=3, sample_every="0", test_responses=0), rec)
+    t.setup()
+    first = t.evaluate()[1]
+    t.fit()
+    last = rec.snapshot()["evals"][-1].val_loss
+    assert last < first - 0.5, (first, last)
