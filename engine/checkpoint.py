@@ -251,7 +251,11 @@ def _sort_key(name: str) -> tuple[int, int] | None:
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str, dict]]:
-    """Complete checkpoints of a run (meta present, size matching) as (step, path, meta), oldest first."""
+    """Complete checkpoints of a run (meta present, size matching) as (step, path, meta), oldest first.
+
+    Ordered by when they were written (then step): after resuming from an older checkpoint,
+    the checkpoints of the abandoned continuation count as older than the new ones.
+    """
     d = ckpt_dir(run_dir)
     try:
         names = os.listdir(d)
@@ -271,9 +275,10 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str, dict]]:
                 continue
         except OSError:
             continue
-        found.append((key, p, meta))
+        saved_at = meta.get("saved_at")
+        found.append(((saved_at if isinstance(saved_at, (int, float)) else 0.0, *key), p, meta))
     found.sort(key=lambda t: t[0])
-    return [(key[0], p, meta) for key, p, meta in found]
+    return [(key[1], p, meta) for key, p, meta in found]
 
 
 def best_checkpoint(cks: list[tuple[int, str, dict]]) -> str | None:
@@ -321,7 +326,7 @@ def check_new_run_dir(run_dir: str) -> None:
     cks = list_checkpoints(run_dir)
     if cks:
         raise CheckpointError(
-            f"{run_dir} already holds a run (checkpoints up to step {cks[-1][0]})",
+            f"{run_dir} already holds a run (checkpoints up to step {max(s for s, _, _ in cks)})",
             f"continue it with --resume {run_dir}, or choose another --out",
         )
 
