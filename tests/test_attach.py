@@ -296,3 +296,15 @@ def test_detach_then_attach_in_tmux(corpus: Path, tmp_path: Path) -> None:
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "stopped:" in (out / "train.log").read_text()
+
+    # A run that has ended opens read-only.
+    try:
+        _tmux("new-session", "-d", "-s", session, "-x", "140", "-y", "40",
+              f"env {env} {GPT_TUI} attach {out}; echo ATTACH-EXIT=$?; sleep 60")
+        _wait_screen(session, "STOPPED")
+        _tmux("send-keys", "-t", session, "p")  # refused: a read-only view has nothing to command
+        _wait_screen(session, "read-only view: cannot pause")
+        _tmux("send-keys", "-t", session, "q")
+        _wait_screen(session, "ATTACH-EXIT=0")
+    finally:
+        _tmux("kill-session", "-t", session)
