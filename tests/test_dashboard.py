@@ -1,0 +1,355 @@
+"""The training dashboard, driven with Textual's Pilot against a real tiny Trainer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.events import Recorder, StepEvent
+from engine.trainer import Trainer
+from tests.conftest import tiny_config
+from tui.app import DashboardApp, EngineThread
+from tui.widgets import (
+    GenerateScreen,
+    HelpScreen,
+    LossChart,
+    LRChart,
+    RunClock,
+    SamplesPane,
+    StatsPane,
+    StatusLine,
+    downsample,
+    ema,
+    parse_settings,
+    stats_rows,
+)
+
+
+def make_app(cfg: Any, trainer_cls: type = Trainer, **kw: Any) -> tuple[DashboardApp, Trainer, EngineThread]:
+    rec = Recorder()
+    trainer = trainer_cls(cfg, rec, with_ui=True)
+    engine = EngineThread(trainer, rec)
+    app = DashboardApp(trainer, rec, run_dir=cfg.out, engine=engine, **kw)
+    return app, trainer, engine
+
+
+async def until(pilot: Any, cond: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
+    """Let the app run until ``cond()`` holds."""
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what or cond}")
+        await pilot.pause(0.05)
+
+
+def text_of(app: DashboardApp, cls: type) -> str:
+    return app.query_one(cls).text.plain
+
+
+def long_run(corpus: Path, tmp_path: Path, **kw: Any) -> Any:
+    base = dict(max_steps=100_000, eval_every=0)
+    base.update(kw)
+    return tiny_config(corpus, tmp_path / "run", **base)
+
+
+@pytest.fixture
+def stop_engine() -> Any:
+    """Make sure no engine thread outlives its test, whatever happened in it."""
+    started: list[tuple[Trainer, EngineThread]] = []
+    yield started.append
+    for trainer, engine in started:
+        trainer.stop(save=False)
+        engine.join(30)
+        assert not engine.is_alive()
+
+
+async def test_pause_stops_stepping_and_resume_continues(corpus: Path, tmp_path: Path, stop_engine: Any) -> None:
+    app, trainer, engine = make_app(long_run(corpus, tmp_path))
+    stop_engine((trainer, engine))
+    async with app.run_test(size=(80, 24)) as pilot:
+        engine.start()
+        await until(pilot, lambda: "RUNNING" in text_of(app, StatusLine) and trainer.step > 2, what="first steps")
+        await until(pilot, lambda: "loss       -" not in text_of(app, StatsPane), what="a loss in the stats")
+
+        await pilot.press("p")
+        await until(pilot, lambda: trainer.state == "paused", what="paused")
+        step = trainer.step
+        await until(pilot, lambda: "PAUSED" in text_of(app, StatusLine), what="PAUSED shown")
+        await asyncio.sleep(0.4)
+        assert trainer.step == step, "the engine stepped while paused"
+
+        await pilot.press("p")
+        await until(pilot, lambda: trainer.step > step + 2, what="steps after resume")
+        await until(pilot, lambda: "RUNNING" in text_of(app, StatusLine), what="RUNNING shown")
+
+
+async def test_checkpoint_and_eval_keys(corpus: Path, tmp_path: Path, stop_engine: Any) -> None:
+    app, trainer, engine = make_app(long_run(corpus, tmp_path))
+    stop_engine((trainer, engine))
+    ckdir = tmp_path / "run" / "checkpoints"
+    async with app.run_test(size=(80, 24)) as pilot:
+        engine.start()
+        await until(pilot, lambda: trainer.step > 1, what="first steps")
+        assert not list(ckdir.glob("*.pt"))
+        assert "val loss   -" in text_of(app, StatsPane)
+
+        await pilot.press("c")
+        await until(pilot, lambda: list(ckdir.glob("*.pt")), what="checkpoint file")
+        saved = list(ckdir.glob("*.pt"))[0]
+        await until(pilot, lambda: f"saved checkpoints/{saved.name}" in text_of(app, StatusLine),
+                    what="checkpoint path in the status line")
+
+        await pilot.press("e")
+        await until(pilot, lambda: app.recorder.snapshot()["evals"], what="eval event")
+        ev = app.recorder.snapshot()["evals"][-1]
+        await until(pilot, lambda: f"@{ev.step}" in text_of(app, StatsPane), what="val loss in stats")
+        assert f"{ev.val_loss:.4f}" in text_of(app, StatsPane)
+
+
+async def test_generate_streams_into_samples_pane(corpus: Path, tmp_path: Path, stop_engine: Any) -> None:
+    app, trainer, engine = make_app(long_run(corpus, tmp_path))
+    stop_engine((trainer, engine))
+    async with app.run_test(size=(80, 24)) as pilot:
+        engine.start()
+        await until(pilot, lambda: trainer.step > 1, what="first steps")
+        await pilot.press("g")
+        assert isinstance(app.screen, GenerateScreen)
+        assert app.focused is app.screen.query_one("#gen-prompt")
+        app.screen.query_one("#gen-max-tokens").value = "12"
+        await pilot.press(*"It had", "enter")
+        assert isinstance(app.screen, GenerateScreen), "Enter generates; only Esc closes"
+        step_before = trainer.step
+        pane = app.query_one(SamplesPane)
+        await until(pilot, lambda: "chars" in pane.plain(), what="finished generation in the samples pane")
+        entry = pane.plain()
+        assert "generate #1" in entry and "It had" in entry and "12 chars" in entry
+        generated = entry.split("It had", 1)[1]
+        assert len(generated) == 12
+        await until(pilot, lambda: trainer.step > step_before, what="training goes on around the generation")
+
+        await pilot.press("escape")
+        assert not isinstance(app.screen, GenerateScreen)
+        assert "It had" in pane.plain(), "prompt and output stay after the prompt closes"
+
+        # while paused too
+        await pilot.press("p")
+        await until(pilot, lambda: trainer.state == "paused", what="paused")
+        paused_at = trainer.step
+        await pilot.press("g")
+        await pilot.press("ctrl+a", "ctrl+k", *"what", "enter", "escape")
+        await until(pilot, lambda: "generate #2" in pane.plain() and pane.plain().count("chars") == 2,
+                    what="second generation while paused")
+        assert trainer.step == paused_at
+        assert trainer.model_ref.training, "training mode restored after generating"
+
+
+async def test_generate_rejects_bad_settings(corpus: Path, tmp_path: Path, stop_engine: Any) -> None:
+    app, trainer, engine = make_app(long_run(corpus, tmp_path))
+    stop_engine((trainer, engine))
+    async with app.run_test(size=(80, 24)) as pilot:
+        engine.start()
+        await until(pilot, lambda: trainer.step > 0, what="first step")
+        await pilot.press("g")
+        app.screen.query_one("#gen-temperature").value = "hot"
+        await pilot.press(*"It", "enter")
+        await pilot.pause(0.2)
+        assert "temperature must be a number" in app.screen.query_one("#gen-hint").content.plain
+        assert not app.generations
+
+
+async def test_help_screen_and_axis_toggle(corpus: Path, tmp_path: Path, stop_engine: Any) -> None:
+    app, trainer, engine = make_app(long_run(corpus, tmp_path))
+    stop_engine((trainer, engine))
+    async with app.run_test(size=(120, 40)) as pilot:
+        engine.start()
+        await until(pilot, lambda: app.query_one(LossChart).steps, what="chart data")
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        help_text = app.screen.query_one("#help-box").content.plain
+        for key in ("p", "c", "g", "e", "q / ctrl+c", "save a checkpoint and quit"):
+            assert key in help_text
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+
+        chart = app.query_one(LossChart)
+        assert chart.axis == "steps"
+        await pilot.press("x")
+        assert chart.axis == "tokens" and app.query_one(LRChart).axis == "tokens"
+        await pilot.pause(0.1)
+        assert "tokens" in str(chart.border_subtitle)
+        await pilot.resize_terminal(80, 24)
+        await pilot.pause(0.3)
+        assert chart.size.width < 60 and app.query_one(StatsPane).size.height >= 13
+
+
+@pytest.mark.parametrize("key", ["q", "ctrl+c"])
+async def test_quit_saves_a_checkpoint_and_ends_the_thread(key: str, corpus: Path, tmp_path: Path,
+                                                           stop_engine: Any) -> None:
+    app, trainer, engine = make_app(long_run(corpus, tmp_path))
+    stop_engine((trainer, engine))
+    async with app.run_test(size=(80, 24)) as pilot:
+        engine.start()
+        await until(pilot, lambda: trainer.step > 2, what="first steps")
+        await pilot.press(key)
+        await until(pilot, lambda: not app.is_running, what="app exit")
+    engine.join(30)
+    assert not engine.is_alive()
+    assert app.return_code == 0 and not app.forced
+    assert engine.result == "stopped" and engine.error is None
+    ckpts = list((tmp_path / "run" / "checkpoints").glob("*.pt"))
+    assert [p.name for p in ckpts] == [f"step-{trainer.step:08d}.pt"]
+
+
+async def test_finished_run_stays_open_until_q(corpus: Path, tmp_path: Path, stop_engine: Any) -> None:
+    app, trainer, engine = make_app(tiny_config(corpus, tmp_path / "run", max_steps=6))
+    stop_engine((trainer, engine))
+    async with app.run_test(size=(80, 24)) as pilot:
+        engine.start()
+        await until(pilot, lambda: "FINISHED" in text_of(app, StatusLine), what="finished")
+        assert "q exits" in text_of(app, StatusLine)
+        assert "6/6 (100%)" in text_of(app, StatsPane)
+        await pilot.press("p")  # nothing to pause
+        assert not trainer.paused
+        await pilot.press("q")
+        await until(pilot, lambda: not app.is_running, what="app exit")
+    engine.join(30)
+    assert engine.result == "finished" and app.return_code == 0
+
+
+class FailingTrainer(Trainer):
+    def train_step(self) -> tuple[float, float, bool]:
+        if self.step == 3:
+            raise RuntimeError("boom in the engine")
+        return super().train_step()
+
+
+async def test_engine_exception_shows_failed_and_q_exits(corpus: Path, tmp_path: Path, stop_engine: Any) -> None:
+    cfg = long_run(corpus, tmp_path, checkpoint_every=2)
+    app, trainer, engine = make_app(cfg, FailingTrainer)
+    stop_engine((trainer, engine))
+    async with app.run_test(size=(80, 24)) as pilot:
+        engine.start()
+        await until(pilot, lambda: "FAILED" in text_of(app, StatusLine), what="failed state")
+        assert "boom in the engine" in text_of(app, StatusLine)
+        pane = app.query_one(SamplesPane).plain()
+        assert "run failed at step 3: RuntimeError: boom in the engine" in pane
+        assert "step-00000002.pt" in pane, "the last checkpoint is named"
+        await pilot.press("c")  # refused: the engine is gone
+        await pilot.press("q")
+        await until(pilot, lambda: not app.is_running, what="app exit")
+    assert isinstance(engine.error, RuntimeError)
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002.pt").exists()
+
+
+async def test_setup_error_closes_the_app(tmp_path: Path, stop_engine: Any) -> None:
+    cfg = tiny_config(tmp_path / "missing.txt", tmp_path / "run")
+    app, trainer, engine = make_app(cfg)
+    stop_engine((trainer, engine))
+    async with app.run_test(size=(80, 24)) as pilot:
+        engine.start()
+        await until(pilot, lambda: not app.is_running, what="app exit on a setup error")
+    assert app.return_code == 1
+    assert "does not exist" in str(engine.error)
+
+
+async def test_viewer_quit_leaves_the_run_going(corpus: Path, tmp_path: Path, stop_engine: Any) -> None:
+    rec = Recorder()
+    trainer = Trainer(long_run(corpus, tmp_path), rec, with_ui=True)
+    engine = EngineThread(trainer, rec)
+    stop_engine((trainer, engine))
+    engine.start()
+    app = DashboardApp(trainer, rec, owns_engine=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: trainer.step > 1, what="first steps")
+        await pilot.press("q")
+        await until(pilot, lambda: not app.is_running, what="viewer exit")
+    step = trainer.step
+    time.sleep(0.3)
+    assert engine.is_alive() and not trainer.stopping and trainer.step > step
+
+
+async def test_read_only_view_sends_no_commands(corpus: Path, tmp_path: Path, stop_engine: Any) -> None:
+    app, trainer, engine = make_app(long_run(corpus, tmp_path), read_only=True)
+    stop_engine((trainer, engine))
+    async with app.run_test(size=(80, 24)) as pilot:
+        engine.start()
+        await until(pilot, lambda: trainer.step > 1, what="first steps")
+        await pilot.press("p", "c", "e", "g")
+        await pilot.pause(0.3)
+        assert not trainer.paused and not isinstance(app.screen, GenerateScreen)
+        assert trainer._cmd.queue.empty()
+        assert "read-only" in text_of(app, StatusLine)
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def test_downsample_bounds_points_and_keeps_shape() -> None:
+    xs = list(range(100_000))
+    ys = [1.0 / (1 + x) for x in xs]
+    dx, dy = downsample(xs, ys, 70)
+    assert len(dx) == len(dy) == 70
+    assert dx[0] < 1000 and dx[-1] > 99_000
+    assert all(a >= b for a, b in zip(dy, dy[1:], strict=False))
+    assert downsample([1, 2], [3, 4], 70) == ([1, 2], [3, 4])
+
+
+def test_ema_skips_non_finite() -> None:
+    out = ema([2.0, float("nan"), 2.0], 0.9)
+    assert out == [pytest.approx(2.0)] * 3
+
+
+def test_parse_settings() -> None:
+    s = parse_settings("0", "0", "0.9", "5")
+    assert (s.temperature, s.top_k, s.top_p, s.max_new_tokens) == (0.0, None, 0.9, 5)
+    with pytest.raises(ValueError, match="top-p"):
+        parse_settings("1", "5", "2", "5")
+    with pytest.raises(ValueError, match="max tokens"):
+        parse_settings("1", "5", "1", "0")
+
+
+async def test_chart_draws_about_its_width_for_a_long_run() -> None:
+    """A 100,000-step history is drawn with about one point per column, as fast as a short one."""
+    from textual.app import App
+
+    class One(App):
+        def compose(self):  # noqa: ANN202
+            yield LossChart("loss", id="loss-chart")
+
+    steps = [(i, i * 512, 4.0 - i / 50_000, 1e-3) for i in range(100_000)]
+    app = One()
+    async with app.run_test(size=(80, 20)) as pilot:
+        chart = app.query_one(LossChart)
+        chart.set_data(steps, [], "steps")
+        await pilot.pause(0.1)
+        lines = chart.series(1.0)
+        assert len(lines[0][0]) <= chart.size.width
+        t0 = time.perf_counter()
+        chart.render()
+        long_t = time.perf_counter() - t0
+        chart.set_data(steps[:100], [], "steps")
+        t0 = time.perf_counter()
+        chart.render()
+        short_t = time.perf_counter() - t0
+        assert long_t < 5 * short_t + 0.05
+
+
+def test_stats_rows_from_a_snapshot() -> None:
+    rec = Recorder()
+    clock = RunClock()
+    now = time.time()
+    for i in range(1, 11):
+        rec.emit(StepEvent(step=i, epoch=0, loss=3.0, lr=1e-3, grad_norm=1.0, tokens_seen=i * 100,
+                           tokens_per_sec=1000.0, step_time=0.1, time=now + i * 0.1))
+        clock.update(rec.snapshot())
+    snap = rec.snapshot()
+    rows = dict(stats_rows(snap, clock))
+    assert rows["loss"].startswith("3.0000")
+    assert rows["perplexity"] == "20.1"
+    assert rows["step time"] == "100 ms"
+    assert rows["tok/s"].startswith("1,000 · avg 1,000")

@@ -1,0 +1,494 @@
+"""The training dashboard: a Textual app around a training run in a background thread.
+
+The app never calls into the engine's thread and the engine never calls into the app: the
+engine records events into a bounded :class:`engine.events.Recorder`, which the app polls
+a few times a second (skipping the redraw when nothing changed), and the app drives the
+run through the controller's thread-safe commands (``toggle_pause``, ``request_checkpoint``,
+``request_eval``, ``request_generate``, ``cancel_generation``, ``stop``). The controller is
+a :class:`engine.trainer.Trainer` here, and can be any object with those methods (a remote
+run, for ``gpt-tui attach``); with ``owns_engine=False`` ``q`` only closes the viewer.
+
+Exit codes of ``gpt-tui train`` with the dashboard: 0 after ``q``/Ctrl+C (a checkpoint is
+saved first) or a finished run; the engine error's own code (1, or 2 for bad input) with
+one line on stderr after a failed run; 130 when quit a second time without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Footer
+
+from engine.events import LogEvent, Recorder
+from engine.sampling import SampleSettings
+
+from .widgets import (
+    DONE_STATES,
+    GenerateScreen,
+    HelpScreen,
+    LossChart,
+    LRChart,
+    RunClock,
+    SamplesPane,
+    StatsPane,
+    StatusLine,
+    generation_text,
+    sample_text,
+    short_path,
+    stats_rows,
+)
+
+
+class SetupCancelled(Exception):
+    """Raised from the tokenizer's progress callback when the run is stopped during setup."""
+
+
+class EngineThread(threading.Thread):
+    """Runs ``trainer.setup()`` then ``trainer.fit()``, keeping the result or the error.
+
+    A daemon thread, so a forced exit never waits on it; the normal exit paths stop the
+    trainer and join it, so no thread is left running.
+    """
+
+    def __init__(self, trainer: Any, recorder: Recorder, after_setup: Any = None) -> None:
+        super().__init__(name="gpt-tui-engine", daemon=True)
+        self.trainer = trainer
+        self.recorder = recorder
+        self.after_setup = after_setup
+        self.in_setup = True
+        self.result: str | None = None
+        self.error: BaseException | None = None
+        self._last_progress = 0.0
+        trainer.progress = self._progress
+
+    def _progress(self, done: int, total: int) -> None:
+        if self.trainer.stopping:
+            raise SetupCancelled()
+        now = time.monotonic()
+        if done < total and now - self._last_progress < 0.25:
+            return
+        self._last_progress = now
+        self.recorder.emit(LogEvent(level="progress",
+                                    message=f"tokenizing {done / 2**20:.1f}/{total / 2**20:.1f} MB"))
+
+    def run(self) -> None:
+        try:
+            self.trainer.setup()
+            self.in_setup = False
+            if self.after_setup is not None:
+                self.after_setup()
+            self.result = self.trainer.fit()
+        except SetupCancelled:
+            self.result = "stopped"
+        except BaseException as e:  # noqa: BLE001  (kept and re-raised on the main thread)
+            self.error = e
+
+
+class ExitGuard:
+    """Ends the process if the app's own exit hangs (seen when the terminal hung up)."""
+
+    def __init__(self, timeout: float = 5.0) -> None:
+        self.timeout = timeout
+        self._disarmed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, code: int) -> None:
+        if self._thread is not None:
+            return
+
+        def watch() -> None:
+            if not self._disarmed.wait(self.timeout):
+                os._exit(code)
+
+        self._thread = threading.Thread(target=watch, name="gpt-tui-exit-guard", daemon=True)
+        self._thread.start()
+
+    def disarm(self) -> None:
+        self._disarmed.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+class DashboardApp(App[int]):
+    """Loss and learning-rate charts, stats, samples and a status line for a training run."""
+
+    CSS_PATH = "dashboard.tcss"
+    TITLE = "gpt-tui"
+    ENABLE_COMMAND_PALETTE = False
+    POLL_INTERVAL = 0.5
+    """Seconds between looks at the recorder (nothing is redrawn when its version is unchanged)."""
+    CHART_INTERVAL = 1.0
+    """Least seconds between chart redraws (plotext is the dearest part of a frame)."""
+
+    BINDINGS = [
+        Binding("p", "pause", "pause"),
+        Binding("c", "checkpoint", "checkpoint"),
+        Binding("g", "generate", "generate"),
+        Binding("e", "eval", "eval"),
+        Binding("x", "toggle_axis", "x axis"),
+        Binding("question_mark", "help", "help", key_display="?"),
+        Binding("q", "quit_run", "quit"),
+        Binding("ctrl+c", "quit_run", "quit", show=False, priority=True),
+        Binding("ctrl+q", "quit_run", "quit", show=False, priority=True),
+    ]
+
+    def __init__(self, controller: Any, recorder: Recorder, run_dir: str | None = None, read_only: bool = False,
+                 owns_engine: bool = True, engine: EngineThread | None = None, handle_signals: bool = False,
+                 exit_guard: ExitGuard | None = None) -> None:
+        super().__init__()
+        self.controller = controller
+        self.recorder = recorder
+        self.run_dir = run_dir
+        self.read_only = read_only
+        self.owns_engine = owns_engine
+        self.engine = engine
+        self.handle_signals = handle_signals
+        self.exit_guard = exit_guard
+        self.axis = "steps"
+        self.clock = RunClock()
+        self.quitting = False
+        self.forced = False
+        self.note: tuple[str, str] = ("", "")
+        self.generations: dict[int, tuple[str, int]] = {}  # request id -> (prompt, step)
+        self.gen_defaults: dict[str, str] = {}
+        self.snap: dict[str, Any] | None = None
+        self._version = -1
+        self._chart_sig: Any = None
+        self._chart_time = 0.0
+        self._samples_sig: Any = None
+        self._gen_shown: dict[int, tuple[int, bool]] = {}
+        self._last_ckpt: str | None = None
+        self._failed_shown = False
+        self._signals: list[int] = []
+
+    # ------------------------------------------------------------ layout
+    def compose(self) -> ComposeResult:
+        yield StatusLine(id="status")
+        with Horizontal(id="main"):
+            with Vertical(id="charts"):
+                yield LossChart("loss", id="loss-chart")
+                yield LRChart("learning rate", id="lr-chart")
+            stats = StatsPane(id="stats")
+            stats.border_title = "stats"
+            yield stats
+        yield SamplesPane(id="samples")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        if self.console.color_system in ("standard", "windows"):
+            self.theme = "ansi-dark"  # 16 colours: the terminal's own palette
+        self.poll()
+        self.set_interval(self.POLL_INTERVAL, self.poll)
+        if self.handle_signals:
+            self._install_signals()
+
+    def on_unmount(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        for s in self._signals:
+            loop.remove_signal_handler(s)
+
+    def _install_signals(self) -> None:
+        """SIGTERM, SIGHUP and SIGINT: stop at a step boundary with a checkpoint, then exit."""
+        loop = asyncio.get_running_loop()
+        for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            try:
+                loop.add_signal_handler(s, self.on_signal, s)
+                self._signals.append(s)
+            except (ValueError, RuntimeError, NotImplementedError):
+                pass
+
+    def on_signal(self, signum: int) -> None:
+        if signum == signal.SIGHUP and self.exit_guard is not None:
+            self.exit_guard.timeout = 1.0  # the terminal is gone: do not wait on it at exit
+        self.action_quit_run(reason=signal.Signals(signum).name)
+
+    # ------------------------------------------------------------ polling
+    def poll(self) -> None:
+        """Pull a snapshot when the recorder changed and redraw what changed."""
+        version = getattr(self.recorder, "version", None)
+        ended = self.engine is not None and self.engine.ident is not None and not self.engine.is_alive()
+        if version is not None and version == self._version and not self.quitting and not ended:
+            return
+        snap = self.recorder.snapshot()
+        self._version = snap["version"]
+        self.snap = snap
+        self.clock.update(snap)
+        self.query_one(StatsPane).show(stats_rows(snap, self.clock))
+        self._update_charts(snap)
+        self._update_samples(snap)
+        self._events(snap)
+        self._update_status(snap)
+        if self.engine_done(snap):
+            if self.quitting:
+                self._exit_with(0)
+            elif self.engine is not None and self.engine.error is not None and self.engine.in_setup:
+                self._exit_with(1)  # nothing to show: run_dashboard prints the error
+
+    def engine_done(self, snap: dict[str, Any]) -> bool:
+        if self.engine is not None:
+            return not self.engine.is_alive() and self.engine.ident is not None
+        return snap["state"] in DONE_STATES
+
+    def _update_charts(self, snap: dict[str, Any], force: bool = False) -> None:
+        steps, evals = snap["steps"], snap["evals"]
+        sig = (len(steps), steps[-1] if steps else None, len(evals), self.axis)
+        now = time.monotonic()
+        if sig == self._chart_sig or (not force and now - self._chart_time < self.CHART_INTERVAL
+                                      and snap["state"] == "running"):
+            return
+        self._chart_sig, self._chart_time = sig, now
+        self.query_one(LossChart).set_data(steps, evals, self.axis)
+        self.query_one(LRChart).set_data(steps, [], self.axis)
+
+    def _update_samples(self, snap: dict[str, Any]) -> None:
+        pane = self.query_one(SamplesPane)
+        samples = snap["samples"]
+        logs = [lg for lg in snap["logs"] if lg.level in ("warning", "error")]
+        sig = (len(samples), samples[-1].time if samples else None, len(logs), logs[-1].time if logs else None)
+        if sig != self._samples_sig:
+            self._samples_sig = sig
+            merged = sorted([(s.time, "sample", s) for s in samples] + [(lg.time, "log", lg) for lg in logs],
+                            key=lambda t: t[0])
+            for t, kind, ev in merged:
+                key = (kind, t)
+                if key in pane.contents:
+                    continue
+                if kind == "sample":
+                    pane.put(key, sample_text(ev.step, ev.epoch, ev.prompt, ev.text))
+                else:
+                    from rich.text import Text
+
+                    pane.put(key, Text(f"{ev.level} at step {ev.step:,}: {ev.message}",
+                                       style="bold red" if ev.level == "error" else "yellow"))
+        texts, done = snap["generations"], snap["generation_done"]
+        for rid in texts:
+            if rid not in self.generations:  # asked for elsewhere (another screen or viewer)
+                d = done.get(rid)
+                self.generations[rid] = (d.prompt if d else "", snap["last_step"].step if snap["last_step"] else 0)
+        for rid, (prompt, step) in self.generations.items():
+            text = texts.get(rid, "")
+            d = done.get(rid)
+            if not prompt and d is not None and d.prompt:
+                prompt = d.prompt
+                self.generations[rid] = (prompt, step)
+            shown = (len(text), d is not None)
+            if self._gen_shown.get(rid) != shown:
+                self._gen_shown[rid] = shown
+                pane.put(("gen", rid), generation_text(rid, step, prompt, text, d))
+
+    def _events(self, snap: dict[str, Any]) -> None:
+        """Rare events: a checkpoint written, the run failed."""
+        ck = snap["last_checkpoint"]
+        if ck is not None and ck.path != self._last_ckpt:
+            first = self._last_ckpt is None and ck.reason != "requested"
+            self._last_ckpt = ck.path
+            self.note = (f"saved {self.rel_to_run(ck.path)}", "cyan")
+            if not first or ck.reason == "requested":
+                self.notify(f"checkpoint saved: {short_path(ck.path)}", title="checkpoint", timeout=4)
+        failed = snap["failed"]
+        if failed is not None and not self._failed_shown:
+            from rich.text import Text
+
+            self._failed_shown = True
+            last = failed.last_checkpoint or "none"
+            self.query_one(SamplesPane).put(("failed",), Text(
+                f"run failed at step {failed.step:,}: {failed.error}\nlast checkpoint: {short_path(last)}\n"
+                "press q to exit", style="bold red"))
+            self.notify(failed.error, title="run failed", severity="error", timeout=30)
+
+    def _update_status(self, snap: dict[str, Any]) -> None:
+        state = snap["state"]
+        start, last = snap["start"], snap["last_step"]
+        if self.quitting and state not in DONE_STATES:
+            state = "stopping"
+        elif state == "running" and self.controller_paused():
+            state = "pausing"
+        total = start.total_steps if start else 0
+        step = last.step if last else (start.resumed_step if start else 0)
+        step_text = f"step {step:,}/{total:,}" if start else ""
+        note, style = self.note
+        if snap["failed"] is not None:
+            note, style = snap["failed"].error, "bold red"
+        elif self.quitting and state == "stopping":
+            note, style = "saving a checkpoint at the next step (q again: quit without waiting)", "yellow"
+        elif snap["state_message"] and state in ("paused", "failed"):
+            note, style = snap["state_message"], "yellow"
+        elif state in ("finished", "stopped"):
+            note = (snap["state_message"] + " · " if snap["state_message"] else "") + "q exits"
+        elif state == "starting":
+            progress = [lg for lg in snap["logs"] if lg.level == "progress"]
+            note, style = (progress[-1].message if progress else "setting up"), "dim"
+        if self.read_only:
+            note = "read-only · " + note
+        run_dir = start.run_dir if start else (self.run_dir or "")
+        self.query_one(StatusLine).show(state, step_text, run_dir, note, style)
+
+    def rel_to_run(self, path: str) -> str:
+        """A checkpoint path relative to the run directory shown beside it."""
+        start = self.snap["start"] if self.snap else None
+        base = start.run_dir if start else self.run_dir
+        if base and os.path.abspath(path).startswith(os.path.abspath(base) + os.sep):
+            return os.path.relpath(path, base)
+        return short_path(path)
+
+    def controller_paused(self) -> bool:
+        try:
+            return bool(self.controller.paused)
+        except Exception:  # noqa: BLE001  (a remote controller may be gone)
+            return False
+
+    def refresh_now(self) -> None:
+        """Redraw at once (after a key) instead of at the next poll."""
+        self._version = -1
+        self.poll()
+
+    # ------------------------------------------------------------ keys
+    def _command(self, what: str, while_running_only: bool = False) -> bool:
+        """Whether a command can go to the engine now (a notice says why not)."""
+        state = self.snap["state"] if self.snap is not None else "starting"
+        reason = None
+        if self.read_only:
+            reason = "read-only view"
+        elif state == "failed" or (self.engine is not None and self.engine_done(self.snap or {})):
+            reason = f"the run is {state}"
+        elif while_running_only and state in DONE_STATES:
+            reason = f"the run is {state}"
+        elif self.quitting:
+            reason = "stopping"
+        if reason:
+            self.notify(f"{reason}: cannot {what}", severity="warning")
+            return False
+        return True
+
+    def action_pause(self) -> None:
+        if not self._command("pause", while_running_only=True):
+            return
+        paused = self.controller.toggle_pause()
+        self.note = ("pausing at the next step" if paused else "resumed", "yellow")
+        self.refresh_now()
+
+    def action_checkpoint(self) -> None:
+        if not self._command("checkpoint"):
+            return
+        self.controller.request_checkpoint()
+        self.note = ("checkpoint requested", "cyan")
+        self.refresh_now()
+
+    def action_eval(self) -> None:
+        if not self._command("evaluate"):
+            return
+        self.controller.request_eval()
+        self.note = ("eval requested", "cyan")
+        self.refresh_now()
+
+    def action_generate(self) -> None:
+        if not self._command("generate"):
+            return
+        self.open_generate()
+
+    def open_generate(self) -> None:
+        """Open the generate prompt (the one place that chooses which screen does it)."""
+        self.push_screen(GenerateScreen(self.start_generation, self.controller.cancel_generation, self.gen_defaults))
+
+    def start_generation(self, prompt: str, settings: SampleSettings) -> int | None:
+        """Ask the engine for a generation; its tokens stream into the samples pane."""
+        try:
+            rid = self.controller.request_generate(prompt, settings)
+        except Exception as e:  # noqa: BLE001  (a remote controller may refuse)
+            self.notify(str(e), title="generate", severity="error")
+            return None
+        snap = self.snap or {}
+        last = snap.get("last_step")
+        step = last.step if last else 0
+        self.generations[rid] = (prompt, step)
+        self.query_one(SamplesPane).put(("gen", rid), generation_text(rid, step, prompt, "", None))
+        return rid
+
+    def action_toggle_axis(self) -> None:
+        self.axis = "tokens" if self.axis == "steps" else "steps"
+        if self.snap is not None:
+            self._update_charts(self.snap, force=True)
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    async def action_quit(self) -> None:
+        self.action_quit_run()
+
+    def action_quit_run(self, reason: str = "") -> None:
+        """First press: stop at the next step with a checkpoint, then exit. Second: exit now."""
+        snap = self.snap or self.recorder.snapshot()
+        if not self.owns_engine or self.engine_done(snap):
+            self._exit_with(0)
+            return
+        if self.quitting:
+            self.forced = True
+            self._exit_with(130)
+            return
+        self.quitting = True
+        try:
+            self.controller.cancel_generation()
+            self.controller.stop(save=True)
+        except Exception as e:  # noqa: BLE001
+            self.notify(str(e), severity="error")
+        if reason:
+            self.note = (f"{reason}: stopping", "yellow")
+        self.refresh_now()
+
+    def _exit_with(self, code: int) -> None:
+        if self.exit_guard is not None:
+            self.exit_guard.arm(code)
+        self.exit(code, return_code=code)
+
+
+def run_dashboard(cfg: Any, trainer_cls: Any) -> None:
+    """Train ``cfg`` under the dashboard; returns (or raises typer.Exit / the engine's error) when done."""
+    import typer
+
+    from .cli import _serve_control
+
+    recorder = Recorder()
+    trainer = trainer_cls(cfg, recorder, with_ui=True)
+    engine = EngineThread(trainer, recorder, after_setup=lambda: _serve_control(trainer))
+    guard = ExitGuard()
+    app = DashboardApp(trainer, recorder, run_dir=cfg.out, engine=engine, handle_signals=True, exit_guard=guard)
+    engine.start()
+    try:
+        app.run()
+    finally:
+        if engine.is_alive() and not app.forced:
+            trainer.cancel_generation()
+            trainer.stop(save=True)
+            _say("gpt-tui: saving a checkpoint before exit")
+            engine.join()
+    guard.disarm()
+    last = trainer.last_checkpoint
+    if engine.result in ("stopped", "finished"):
+        _say(f"gpt-tui: {engine.result} at step {trainer.step}" + (f"; checkpoint {last}" if last else ""))
+    if app.forced:
+        _say("gpt-tui: exiting now; checkpoints on disk are intact")
+        os._exit(130)
+    if engine.error is not None:
+        raise engine.error
+    if engine.result == "stopped":
+        raise typer.Exit(0)
+
+
+def _say(line: str) -> None:
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass

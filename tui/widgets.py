@@ -1,0 +1,517 @@
+"""The dashboard's widgets: charts, stats, samples, status line, help and generate screens.
+
+Every widget is fed from a :meth:`engine.events.Recorder.snapshot` by the app; none of them
+talks to the engine. Charts keep the snapshot's points and thin them to about their own
+width in points when they render, so a long run draws as fast as a short one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widget import Widget
+from textual.widgets import Input, Static
+from textual_plotext import PlotextPlot
+
+from engine.sampling import SampleSettings
+
+from .headless import fmt_duration
+
+# ------------------------------------------------------------------ numbers
+
+
+def downsample(xs: Sequence[float], ys: Sequence[float], n: int) -> tuple[list[float], list[float]]:
+    """Thin a series to at most ``n`` points by averaging consecutive buckets (keeps the shape)."""
+    m = len(xs)
+    if n <= 0 or m <= n:
+        return list(xs), list(ys)
+    out_x, out_y = [], []
+    for b in range(n):
+        lo, hi = b * m // n, (b + 1) * m // n
+        if hi <= lo:
+            continue
+        out_x.append(sum(xs[lo:hi]) / (hi - lo))
+        out_y.append(sum(ys[lo:hi]) / (hi - lo))
+    return out_x, out_y
+
+
+def ema(ys: Sequence[float], alpha: float = 0.9) -> list[float]:
+    """Debiased exponential moving average (as TensorBoard smooths), skipping non-finite values."""
+    out, acc, weight = [], 0.0, 0.0
+    last = float("nan")
+    for y in ys:
+        if math.isfinite(y):
+            acc = alpha * acc + (1 - alpha) * y
+            weight = alpha * weight + (1 - alpha)
+            last = acc / weight
+        out.append(last)
+    return out
+
+
+def fmt_count(n: float) -> str:
+    """12,345 -> 12.3k; 1.2e6 -> 1.2M."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def axis_scale(max_value: float) -> tuple[float, str]:
+    """Divisor and unit name for a tokens axis."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if max_value >= 10 * scale:
+            return scale, unit
+    return 1.0, ""
+
+
+def short_path(path: str | None) -> str:
+    """A path relative to the working directory when that is shorter."""
+    if not path:
+        return ""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return rel if len(rel) < len(path) else path
+
+
+STATE_STYLES = {
+    "starting": "black on cyan",
+    "ready": "black on cyan",
+    "running": "black on green",
+    "paused": "black on yellow",
+    "saving": "black on cyan",
+    "stopping": "black on yellow",
+    "finished": "black on blue",
+    "stopped": "black on magenta",
+    "failed": "white on red",
+}
+
+DONE_STATES = ("finished", "stopped", "failed")
+
+
+# ------------------------------------------------------------------ charts
+
+
+def tick_values(lo: float, hi: float, n: int) -> list[float]:
+    """``n`` evenly spaced values from lo to hi (one when the range is empty)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo or n < 2:
+        return [lo]
+    return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+
+
+class Chart(PlotextPlot):
+    """A plotext chart that thins its series to about its own width when it renders."""
+
+    y_format = "{:.2f}"
+
+    def __init__(self, title: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.border_title = title
+        self.theme = "clear"  # the terminal's own colours: fine with 16 colours
+        self.axis = "steps"
+        self.steps: list[tuple[int, int, float, float]] = []
+        self.evals: list[Any] = []
+
+    def set_data(self, steps: list[tuple[int, int, float, float]], evals: list[Any], axis: str) -> None:
+        self.steps, self.evals, self.axis = steps, evals, axis
+        self.refresh()
+
+    def points(self) -> int:
+        """How many points to draw: about one per column of the plot area."""
+        return max(8, self.size.width - 8)
+
+    def x_scale(self) -> tuple[float, str]:
+        if self.axis == "steps" or not self.steps:
+            return 1.0, ""
+        return axis_scale(self.steps[-1][1])
+
+    def xs(self, pairs: Sequence[tuple[int, int]], scale: float) -> list[float]:
+        """X values (steps, or tokens divided by ``scale``) of (step, tokens) pairs."""
+        if self.axis == "steps":
+            return [float(s) for s, _ in pairs]
+        return [t / scale for _, t in pairs]
+
+    def series(self, scale: float) -> list[tuple[list[float], list[float], str, str]]:
+        """(xs, ys, colour, marker) of each line, already thinned (subclasses)."""
+        return []
+
+    def render(self) -> Any:
+        plt = self.plt
+        plt.clear_data()
+        plt.frame(False)
+        if self.steps:
+            scale, unit = self.x_scale()
+            self.border_subtitle = self.subtitle(unit)
+            lines = self.series(scale)
+            all_x = [x for xs, _, _, _ in lines for x in xs]
+            all_y = [y for _, ys, _, _ in lines for y in ys if math.isfinite(y)]
+            for xs, ys, color, marker in lines:
+                plt.plot(xs, ys, color=color, marker=marker)
+            if all_x and all_y:
+                xt = tick_values(min(all_x), max(all_x), 4 if self.size.width > 40 else 3)
+                plt.xticks(xt, [self.x_label(v, unit) for v in xt])
+                yt = tick_values(min(all_y), max(all_y), 3 if self.size.height < 10 else 5)
+                plt.yticks(yt, [self.y_format.format(v) for v in yt])
+        return super().render()
+
+    def x_label(self, v: float, unit: str) -> str:
+        if self.axis == "steps":
+            return fmt_count(v) if v >= 10_000 else f"{v:.0f}"
+        return f"{v:.3g}{unit}"
+
+    def subtitle(self, unit: str) -> str:
+        return f"x: {unit + ' ' if unit else ''}{self.axis}"
+
+
+class LossChart(Chart):
+    """Train loss per step (smoothed) and val loss at each eval."""
+
+    def series(self, scale: float) -> list[tuple[list[float], list[float], str, str]]:
+        n = self.points()
+        xs = self.xs([(s, t) for s, t, _, _ in self.steps], scale)
+        ys = ema([loss for _, _, loss, _ in self.steps], 0.9 if len(self.steps) > 20 else 0.5)
+        out = [(*downsample(xs, ys, n), "cyan", "braille")]
+        if self.evals:
+            ex = self.xs([(e.step, e.tokens_seen) for e in self.evals], scale)
+            out.append((*downsample(ex, [e.val_loss for e in self.evals], n // 2), "yellow", "dot"))
+        return out
+
+    def subtitle(self, unit: str) -> str:
+        return f"[cyan]train (smoothed)[/] [yellow]• val[/] · x: {unit + ' ' if unit else ''}{self.axis}"
+
+
+class LRChart(Chart):
+    """The learning-rate schedule as trained so far."""
+
+    y_format = "{:.1e}"
+
+    def series(self, scale: float) -> list[tuple[list[float], list[float], str, str]]:
+        xs = self.xs([(s, t) for s, t, _, _ in self.steps], scale)
+        ys = [lr for _, _, _, lr in self.steps]
+        self.border_title = f"learning rate {ys[-1]:.2e}" if ys else "learning rate"
+        return [(*downsample(xs, ys, self.points()), "magenta", "braille")]
+
+
+# ------------------------------------------------------------------ stats
+
+
+@dataclass
+class RunClock:
+    """Throughput and ETA from the snapshots the UI sees (time spent paused left out)."""
+
+    first: tuple[float, int, int] | None = None  # (time, step, tokens) of the first step seen
+    paused_since: float | None = None
+    paused_total: float = 0.0
+    tps_now: float = 0.0
+    _last_step_time: float = field(default=0.0, repr=False)
+
+    def update(self, snap: dict[str, Any], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        last = snap["last_step"]
+        state = snap["state"]
+        if state == "paused" and self.paused_since is None:
+            self.paused_since = now
+        elif state != "paused" and self.paused_since is not None:
+            self.paused_total += now - self.paused_since
+            self.paused_since = None
+        if last is None:
+            return
+        if self.first is None:
+            self.first = (last.time, last.step, last.tokens_seen)
+            self.paused_total = 0.0
+        if last.time != self._last_step_time:
+            self._last_step_time = last.time
+            self.tps_now = last.tokens_per_sec if not self.tps_now else 0.7 * self.tps_now + 0.3 * last.tokens_per_sec
+
+    def active(self, snap: dict[str, Any]) -> float:
+        last = snap["last_step"]
+        if self.first is None or last is None:
+            return 0.0
+        return max(0.0, last.time - self.first[0] - self.paused_total)
+
+    def tps_avg(self, snap: dict[str, Any]) -> float | None:
+        last = snap["last_step"]
+        dt = self.active(snap)
+        if self.first is None or last is None or dt <= 0:
+            return None
+        return (last.tokens_seen - self.first[2]) / dt
+
+    def eta(self, snap: dict[str, Any]) -> float | None:
+        last, start = snap["last_step"], snap["start"]
+        if self.first is None or last is None or start is None:
+            return None
+        done = last.step - self.first[1]
+        if done <= 0:
+            return None
+        return self.active(snap) / done * max(0, start.total_steps - last.step)
+
+
+def stats_rows(snap: dict[str, Any], clock: RunClock) -> list[tuple[str, str]]:
+    """(label, value) rows of the stats pane."""
+    start, last = snap["start"], snap["last_step"]
+    evals = snap["evals"]
+    total = start.total_steps if start else 0
+    spe = max(1, start.steps_per_epoch) if start else 1
+    step = last.step if last else (start.resumed_step if start else 0)
+    rows: list[tuple[str, str]] = []
+    pct = f" ({100 * step / total:.0f}%)" if total else ""
+    rows.append(("step", f"{step:,}/{total:,}{pct}" if total else f"{step:,}"))
+    n_epochs = max(1, math.ceil(total / spe)) if total else 1
+    rows.append(("epoch", f"{(last.epoch if last else 0) + 1}/{n_epochs}"))
+    if last:
+        steps = snap["steps"]
+        smooth = ema([s[2] for s in steps[-50:]], 0.9)[-1] if steps else last.loss
+        rows.append(("loss", f"{last.loss:.4f} ~{smooth:.3f}"))
+    else:
+        rows.append(("loss", "-"))
+    if evals:
+        ev = evals[-1]
+        rows.append(("val loss", f"{ev.val_loss:.4f} @{ev.step}"))
+        ppl_of = ev.val_loss
+    else:
+        rows.append(("val loss", "-"))
+        ppl_of = last.loss if last else None
+    rows.append(("perplexity", f"{math.exp(ppl_of):,.1f}" if ppl_of is not None and ppl_of < 50 else "-"))
+    avg = clock.tps_avg(snap)
+    now = f"{clock.tps_now:,.0f}" if last else "-"
+    rows.append(("tok/s", now + (f" · avg {avg:,.0f}" if avg else "")))
+    mfu = last.mfu if last else None
+    rows.append(("MFU", f"{100 * mfu:.1f}%" if mfu is not None else "-"))
+    rows.append(("step time", f"{1000 * last.step_time:,.0f} ms" if last else "-"))
+    eta = clock.eta(snap)
+    state = snap["state"]
+    rows.append(("ETA", "-" if state in DONE_STATES or eta is None else fmt_duration(eta)))
+    rows.append(("device", f"{start.device} {start.dtype}" if start else "-"))
+    if start:
+        trainable = start.n_trainable and start.n_trainable != start.n_params
+        rows.append(("params", fmt_count(start.n_params) + (f" ({fmt_count(start.n_trainable)} train)" if trainable else "")))
+    else:
+        rows.append(("params", "-"))
+    mem = last.memory_mb if last else None
+    rows.append(("memory", f"{mem / 1024:.2f} GB" if mem is not None else "-"))
+    return rows
+
+
+class TextPane(Widget):
+    """A fixed-size widget showing one Text; updating it repaints only itself (no layout pass)."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.text = Text()
+
+    def set_text(self, text: Text) -> None:
+        if text != self.text:
+            self.text = text
+            self.refresh()
+
+    def render(self) -> Text:
+        return self.text
+
+
+class StatsPane(TextPane):
+    """Step, epoch, losses, throughput, ETA, device, parameters, memory."""
+
+    def show(self, rows: list[tuple[str, str]]) -> None:
+        t = Text(no_wrap=True, overflow="ellipsis")
+        for i, (label, value) in enumerate(rows):
+            t.append(f"{label:<10} ", style="bold")
+            t.append(value + ("\n" if i < len(rows) - 1 else ""))
+        self.set_text(t)
+
+
+# ------------------------------------------------------------------ status line
+
+
+class StatusLine(TextPane):
+    """One line: state, step, run directory and the latest note (checkpoint path, error)."""
+
+    def show(self, state: str, step_text: str, run_dir: str, note: str = "", note_style: str = "") -> None:
+        t = Text(no_wrap=True, overflow="ellipsis")
+        t.append(f" {state.upper()} ", style=STATE_STYLES.get(state, "reverse"))
+        if step_text:
+            t.append(f" {step_text}")
+        if run_dir:
+            t.append(" │ ", style="dim")
+            t.append(short_path(run_dir))
+        if note:
+            t.append(" │ ", style="dim")
+            t.append(note, style=note_style)
+        self.set_text(t)
+
+
+# ------------------------------------------------------------------ samples
+
+
+class SamplesPane(VerticalScroll):
+    """Every per-epoch sample with its step, and every generation (prompt and output)."""
+
+    can_focus = True
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.border_title = "samples"
+        self.entries: dict[Any, Static] = {}
+        self.contents: dict[Any, Text] = {}
+
+    def put(self, key: Any, text: Text) -> None:
+        """Add an entry, or replace the one with this key; follows the end unless scrolled up."""
+        if self.contents.get(key) == text:
+            return
+        follow = self.scroll_y >= self.max_scroll_y - 1
+        self.contents[key] = text
+        if key in self.entries:
+            self.entries[key].update(text)
+        else:
+            w = Static(text, classes="sample")
+            self.entries[key] = w
+            self.mount(w)
+        if follow:
+            self.call_after_refresh(self.scroll_end, animate=False)
+
+    def plain(self) -> str:
+        """All entries as plain text (what the pane holds, for tests and captures)."""
+        return "\n".join(t.plain for t in self.contents.values())
+
+
+def sample_text(step: int, epoch: int, prompt: str, text: str) -> Text:
+    t = Text()
+    t.append(f"step {step:,} · epoch {epoch + 1}\n", style="dim")
+    if prompt.strip():
+        t.append(prompt, style="bold")
+    t.append(text)
+    return t
+
+
+def generation_text(request_id: int, step: int, prompt: str, text: str, done: Any) -> Text:
+    t = Text()
+    head = f"generate #{request_id} · step {step:,}"
+    if done is not None:
+        head += f" · {len(text)} chars · {done.tokens_per_sec:,.0f} tok/s"
+    else:
+        head += " · generating…"
+    t.append(head + "\n", style="dim green")
+    t.append(prompt, style="bold green")
+    t.append(text)
+    return t
+
+
+# ------------------------------------------------------------------ screens
+
+KEYS = [
+    ("p", "pause / resume training (at the next step boundary)"),
+    ("c", "write a checkpoint now"),
+    ("g", "generate from the live weights"),
+    ("e", "evaluate train and val loss now"),
+    ("x", "chart x axis: steps or tokens"),
+    ("tab", "focus the samples pane (arrows scroll)"),
+    ("?", "this help"),
+    ("q / ctrl+c", "save a checkpoint and quit"),
+]
+
+
+class HelpScreen(ModalScreen[None]):
+    """The key table."""
+
+    BINDINGS = [Binding("escape,question_mark,q", "close", "close")]
+
+    def compose(self) -> ComposeResult:
+        width = max(len(k) for k, _ in KEYS) + 2
+        body = Text("Keys\n\n", style="bold")
+        for k, what in KEYS:
+            body.append(f"{k:<{width}}", style="bold cyan")
+            body.append(what + "\n")
+        body.append("\nEsc closes", style="dim")
+        yield Static(body, id="help-box")
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+def parse_settings(temperature: str, top_k: str, top_p: str, max_tokens: str) -> SampleSettings:
+    """Sample settings from the generate form's fields; ValueError names the bad one."""
+
+    def num(name: str, raw: str, cast: Callable[[str], Any], lo: float, hi: float | None) -> Any:
+        try:
+            v = cast(raw.strip())
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {raw!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise ValueError(f"{name} must be between {lo:g} and {hi:g}" if hi is not None else f"{name} must be {lo:g} or more")
+        return v
+
+    t = num("temperature", temperature or "0.8", float, 0.0, 10.0)
+    k = num("top-k", top_k or "0", int, 0, None)
+    p = num("top-p", top_p or "1", float, 0.0, 1.0)
+    n = num("max tokens", max_tokens or "100", int, 1, 100_000)
+    return SampleSettings(max_new_tokens=n, temperature=t, top_k=k or None, top_p=p if 0 < p < 1 else None)
+
+
+class GenerateScreen(ModalScreen[None]):
+    """A prompt box over the dashboard: Enter generates (output streams into the samples pane), Esc closes."""
+
+    BINDINGS = [
+        Binding("escape", "close", "close"),
+        Binding("ctrl+x", "cancel", "stop generating"),
+    ]
+
+    def __init__(self, on_submit: Callable[[str, SampleSettings], None], on_cancel: Callable[[], None],
+                 defaults: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.on_submit = on_submit
+        self.on_cancel = on_cancel
+        self.defaults = defaults if defaults is not None else {}
+
+    def compose(self) -> ComposeResult:
+        d = self.defaults
+        with Vertical(id="gen-box"):
+            prompt = Input(value=d.get("prompt", ""), placeholder="prompt, then Enter", id="gen-prompt")
+            prompt.border_title = "generate from the live weights"
+            yield prompt
+            with Horizontal(id="gen-settings"):
+                for key, title, default in (("temperature", "temperature", "0.8"), ("top_k", "top-k", "50"),
+                                            ("top_p", "top-p", "1.0"), ("max_tokens", "max tokens", "100")):
+                    box = Input(value=d.get(key, default), id=f"gen-{key.replace('_', '-')}")
+                    box.border_title = title
+                    yield box
+            yield Static("Enter generates · Esc closes · ctrl+x stops", id="gen-hint")
+
+    def on_mount(self) -> None:
+        self.query_one("#gen-prompt", Input).focus()
+
+    def fields(self) -> dict[str, str]:
+        return {k: self.query_one(f"#gen-{k.replace('_', '-')}", Input).value
+                for k in ("prompt", "temperature", "top_k", "top_p", "max_tokens")}
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        f = self.fields()
+        self.defaults.update(f)
+        hint = self.query_one("#gen-hint", Static)
+        if not f["prompt"].strip():
+            hint.update(Text("type a prompt first", style="bold red"))
+            return
+        try:
+            settings = parse_settings(f["temperature"], f["top_k"], f["top_p"], f["max_tokens"])
+        except ValueError as e:
+            hint.update(Text(str(e), style="bold red"))
+            return
+        hint.update(Text("generating into the samples pane · Enter again for another · Esc closes", style="green"))
+        self.on_submit(f["prompt"], settings)
+
+    def action_cancel(self) -> None:
+        self.on_cancel()
+        self.query_one("#gen-hint", Static).update(Text("stopped", style="yellow"))
+
+    def action_close(self) -> None:
+        self.dismiss(None)
