@@ -169,6 +169,7 @@ def test_resume_from_a_damaged_file(trained: Path, tmp_path: Path):
 
 
 # ------------------------------------------------------------------ memory
+@pytest.mark.slow  # two real CLI processes
 def test_out_of_memory_suggests_settings_and_keeps_the_checkpoint(corpus: Path, tmp_path: Path):
     run = tmp_path / "run"
     r = run_faulty_cli("oom@6", *train("--data", str(corpus), "--out", str(run), "--checkpoint-every", "2",

@@ -135,6 +135,7 @@ class Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow  # two real CLI processes
 def test_malicious_pickle_is_refused(tmp_path: Path):
     marker = tmp_path / "pwned"
     run = tmp_path / "run"

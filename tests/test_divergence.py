@@ -117,6 +117,7 @@ def test_dashboard_run_pauses_on_divergence_and_continues(corpus: Path, tmp_path
     assert result.get("end") == "finished" and t.step == 12
 
 
+@pytest.mark.slow  # two real CLI processes
 def test_cli_stops_with_exit_3_and_names_the_last_checkpoint(corpus: Path, tmp_path: Path):
     run = tmp_path / "run"
     r = run_faulty_cli("nan@5,6,7", "train", "--headless", "--data", str(corpus), *TINY, "--max-steps", "20",

@@ -164,6 +164,7 @@ def test_resume_notices_changed_data(corpus: Path, tmp_path: Path):
     assert any("training windows" in c and "data order" in c for c in again.config_changes)
 
 
+@pytest.mark.slow  # two real CLI processes
 def test_cli_resume_extends_a_run_with_its_own_settings(corpus: Path, tmp_path: Path):
     run = tmp_path / "run"
     first = run_cli("train", "--headless", "--data", str(corpus), *TINY, "--threads", "1", "--max-steps", "12",
@@ -180,6 +181,7 @@ def test_cli_resume_extends_a_run_with_its_own_settings(corpus: Path, tmp_path: 
     assert ck.read_meta(ck.resolve_checkpoint(str(run)))["step"] == 20
 
 
+@pytest.mark.slow  # two real CLI processes
 def test_resume_from_an_older_checkpoint_starts_a_new_branch(corpus: Path, tmp_path: Path):
     run = tmp_path / "run"
     t = Trainer(tiny_config(corpus, run, max_steps=12, checkpoint_every=4, keep_last=5, eval_every=0))
