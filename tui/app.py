@@ -310,14 +310,11 @@ class DashboardApp(App[int]):
 
     def _update_status(self, snap: dict[str, Any]) -> None:
         state = snap["state"]
-        start, last = snap["start"], snap["last_step"]
+        start = snap["start"]
         if self.quitting and state not in DONE_STATES:
             state = "stopping"
         elif state == "running" and self.controller_paused():
             state = "pausing"
-        total = start.total_steps if start else 0
-        step = last.step if last else (start.resumed_step if start else 0)
-        step_text = f"step {step:,}/{total:,}" if start else ""
         note, style = self.note
         if snap["failed"] is not None:
             note, style = snap["failed"].error, "bold red"
@@ -333,7 +330,7 @@ class DashboardApp(App[int]):
         if self.read_only:
             note = "read-only · " + note
         run_dir = start.run_dir if start else (self.run_dir or "")
-        self.query_one(StatusLine).show(state, step_text, run_dir, note, style)
+        self.query_one(StatusLine).show(state, run_dir, note, style)
 
     def rel_to_run(self, path: str) -> str:
         """A checkpoint path relative to the run directory shown beside it."""

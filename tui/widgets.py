@@ -85,6 +85,11 @@ def short_path(path: str | None) -> str:
     return rel if len(rel) < len(path) else path
 
 
+def clip_left(s: str, n: int) -> str:
+    """The last ``n`` characters of ``s``, with an ellipsis when cut (a path's end says the most)."""
+    return s if len(s) <= n else "…" + s[-(n - 1):]
+
+
 STATE_STYLES = {
     "starting": "black on cyan",
     "ready": "black on cyan",
@@ -334,16 +339,14 @@ class StatsPane(TextPane):
 
 
 class StatusLine(TextPane):
-    """One line: state, step, run directory and the latest note (checkpoint path, error)."""
+    """One line: state, run directory and the latest note (checkpoint path, error)."""
 
-    def show(self, state: str, step_text: str, run_dir: str, note: str = "", note_style: str = "") -> None:
+    def show(self, state: str, run_dir: str, note: str = "", note_style: str = "") -> None:
         t = Text(no_wrap=True, overflow="ellipsis")
         t.append(f" {state.upper()} ", style=STATE_STYLES.get(state, "reverse"))
-        if step_text:
-            t.append(f" {step_text}")
         if run_dir:
             t.append(" │ ", style="dim")
-            t.append(short_path(run_dir))
+            t.append(clip_left(short_path(run_dir), 26))
         if note:
             t.append(" │ ", style="dim")
             t.append(note, style=note_style)
