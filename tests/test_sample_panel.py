@@ -382,3 +382,10 @@ def test_cli_sample_bad_sources_one_line(tmp_path: Path) -> None:
     junk.write_bytes(b"not a checkpoint")
     r = run_cli("sample", str(junk))
     assert r.returncode != 0 and str(junk) in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_sample_needs_a_terminal(tiny_run: Path) -> None:
+    r = run_cli("sample", str(tiny_run), input="")  # stdin and stderr are pipes here
+    assert r.returncode != 0 and "needs a terminal" in r.stderr and "gpt-tui generate" in r.stderr
+    r = run_cli("sample", str(tiny_run), "--view", "nope")
+    assert r.returncode != 0 and "unknown view 'nope'" in r.stderr
