@@ -251,11 +251,7 @@ def _sort_key(name: str) -> tuple[int, int] | None:
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str, dict]]:
-    """Complete checkpoints of a run (meta present, size matching) as (step, path, meta), oldest first.
-
-    Ordered by when they were written (then step): after resuming from an older checkpoint,
-    the checkpoints of the abandoned continuation count as older than the new ones.
-    """
+    """Complete checkpoints of a run (meta present, size matching) as (step, path, meta), by step."""
     d = ckpt_dir(run_dir)
     try:
         names = os.listdir(d)
@@ -275,10 +271,22 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str, dict]]:
                 continue
         except OSError:
             continue
-        saved_at = meta.get("saved_at")
-        found.append(((saved_at if isinstance(saved_at, (int, float)) else 0.0, *key), p, meta))
+        found.append((key, p, meta))
     found.sort(key=lambda t: t[0])
-    return [(key[1], p, meta) for key, p, meta in found]
+    return [(key[0], p, meta) for key, p, meta in found]
+
+
+def by_write_time(cks: list[tuple[int, str, dict]]) -> list[tuple[int, str, dict]]:
+    """Checkpoints ordered by when they were written, newest last.
+
+    After resuming from an older checkpoint, the checkpoints of the abandoned continuation
+    (later steps, written earlier) count as older than the new branch's.
+    """
+    def written(c: tuple[int, str, dict]) -> float:
+        t = c[2].get("saved_at")
+        return t if isinstance(t, (int, float)) else 0.0
+
+    return sorted(cks, key=written)  # stable: ties keep the step order
 
 
 def best_checkpoint(cks: list[tuple[int, str, dict]]) -> str | None:
@@ -289,14 +297,14 @@ def best_checkpoint(cks: list[tuple[int, str, dict]]) -> str | None:
 
 
 def prune(run_dir: str, keep_last: int) -> list[str]:
-    """Delete all but the last ``keep_last`` complete checkpoints and the best-val one.
+    """Delete all but the ``keep_last`` newest-written complete checkpoints and the best-val one.
 
     Also removes what interrupted writes left behind: ``.pt`` files without a meta.json
     and temporary files. Call it only from the process that writes the run's checkpoints.
     Returns the deleted checkpoint paths.
     """
     cks = list_checkpoints(run_dir)
-    keep = {p for _, p, _ in cks[-keep_last:]}
+    keep = {p for _, p, _ in by_write_time(cks)[-keep_last:]}
     best = best_checkpoint(cks)
     if best:
         keep.add(best)
@@ -346,7 +354,7 @@ def resolve_checkpoint(path: str) -> str:
                 )
             raise CheckpointError(f"{path} is not a gpt-tui run directory (no checkpoints/ with a complete checkpoint)",
                                   "give a run directory made by gpt-tui train, or a .pt file")
-        return cks[-1][1]
+        return by_write_time(cks)[-1][1]
     return path
 
 
@@ -425,7 +433,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu", verify:
     resolve_checkpoint(path)  # the errors for an empty or foreign directory
     skipped: list[str] = []
     first_error: CheckpointError | None = None
-    for _, p, _ in reversed(list_checkpoints(path)):
+    for _, p, _ in reversed(by_write_time(list_checkpoints(path))):
         try:
             obj = _load_file(p, map_location, verify)
         except CheckpointError as e:
