@@ -264,12 +264,20 @@ def _wait_screen(session: str, text: str, timeout: float = 60) -> str:
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_detach_then_attach_in_tmux(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    r = run_cli("train", "--data", str(corpus), *LONG_RUN, "--out", str(out), "--detach", env={"OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr
-    assert f"gpt-tui attach {out}" in r.stdout and (out / "train.log").exists()
-    pid = status(out)["pid"]
     session = f"gpt-tui-attach-{os.getpid()}"
-    env = f"GPT_TUI_CACHE={os.environ['GPT_TUI_CACHE']} TERM=xterm-256color"
+    env = f"GPT_TUI_CACHE={os.environ['GPT_TUI_CACHE']} TERM=xterm-256color OMP_NUM_THREADS=1"
+    args = " ".join(["train", "--data", str(corpus), *LONG_RUN, "--out", str(out), "--detach"])
+    # Detach from a terminal, then hang that terminal up: the run carries on.
+    _tmux("new-session", "-d", "-s", session, "-x", "200", "-y", "40", f"env {env} {GPT_TUI} {args}; sleep 60")
+    _wait_screen(session, f"gpt-tui attach {out}")
+    _tmux("kill-session", "-t", session)
+    assert (out / "train.log").exists()
+    pid = status(out)["pid"]
+    step = status(out)["step"]
+    deadline = time.monotonic() + 30
+    while status(out)["step"] <= step and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert status(out)["step"] > step
     try:
         _tmux("new-session", "-d", "-s", session, "-x", "140", "-y", "40",
               f"env {env} {GPT_TUI} attach {out}; echo ATTACH-EXIT=$?; sleep 60")

@@ -38,6 +38,13 @@ def torchrun(*args: str, nproc: int = 2, timeout: float = 240) -> subprocess.Com
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def assert_ran(r: subprocess.CompletedProcess, out: Path) -> None:
+    """The torchrun job succeeded (else: its output and rank 1's log)."""
+    log = out / "rank-1.log"
+    rank1 = log.read_text()[-2000:] if log.exists() else "(no rank-1.log)"
+    assert r.returncode == 0, f"stdout:\n{r.stdout[-2000:]}\nstderr:\n{r.stderr[-3000:]}\nrank 1:\n{rank1}"
+
+
 def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(str(run / "metrics.jsonl")) if r["type"] == "step"}
 
@@ -66,7 +73,7 @@ def test_two_ranks_match_one_and_resume_on_one(corpus: Path, tmp_path: Path, sin
     out = tmp_path / "two"
     r = torchrun("train", "--headless", "--data", str(corpus), *TINY, "--batch-size", "2", "--max-steps", "6",
                  "--checkpoint-every", "3", "--out", str(out))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert_ran(r, out)
     assert_same_curve(losses(out), single_run)
     assert r.stdout.count("run ") == 1 and r.stdout.count("finished") == 1  # rank 0 alone prints
     assert (out / "rank-1.log").exists() and not (out / "rank-0.log").exists()
@@ -93,7 +100,7 @@ def test_fsdp_matches_and_its_checkpoint_loads_in_one_process(corpus: Path, tmp_
     out = tmp_path / "fsdp"
     r = torchrun("train", "--headless", "--fsdp", "--data", str(corpus), *TINY, "--batch-size", "2",
                  "--max-steps", "6", "--checkpoint-every", "3", "--out", str(out))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert_ran(r, out)
     assert_same_curve(losses(out), single_run)
     ckpt = next(p for step, p, _ in list_checkpoints(str(out)) if step == 3)
     obj = load_checkpoint(ckpt)
