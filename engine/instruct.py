@@ -270,6 +270,8 @@ class FinetuneTrainer(Trainer):
         from .pretrained import source_identity
 
         cfg = self.cfg
+        if cfg.fsdp:
+            raise GptTuiError("LoRA adapters are not supported with --fsdp", "drop --fsdp (DDP is used instead)")
         if resume_ckpt is not None:
             info = resume_ckpt.get("lora")
             if resume_ckpt.get("kind") != "lora" or not isinstance(info, dict):

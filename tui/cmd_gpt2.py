@@ -82,7 +82,7 @@ def finetune(**flags: Any) -> None:
     config_file, headless, detach = flags.pop("config"), flags.pop("headless"), flags.pop("detach")
     if not flags.get("init") and not flags.get("resume"):
         fail("finetune needs weights to start from: give --init GPT2_FOLDER_OR_CHECKPOINT (or --resume RUN)")
-    if not flags.get("data"):
+    if not flags.get("data") and not flags.get("resume"):
         fail("finetune needs instruction data: give --data FILE.json (Alpaca format, e.g. instruction-data.json)")
     cfg = config_from_flags(flags, config_file)
     explicit = cfg._explicit  # type: ignore[attr-defined]
