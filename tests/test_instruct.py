@@ -228,3 +228,32 @@ def test_val_loss_falls_on_the_book_data(tmp_path: Path, init_ckpt: Path) -> Non
     t.fit()
     last = rec.snapshot()["evals"][-1].val_loss
     assert last < first - 0.5, (first, last)
+
+
+async def test_dashboard_samples_show_the_expected_output(tmp_path: Path, init_ckpt: Path) -> None:
+    import asyncio
+
+    from tui.app import DashboardApp, EngineThread
+    from tui.widgets import SamplesPane
+
+    records = make_records(40)
+    data = write_records(tmp_path / "data.json", records)
+    rec = Recorder()
+    trainer = FinetuneTrainer(finetune_config(tmp_path, init_ckpt, data, test_responses=0), rec, with_ui=True)
+    engine = EngineThread(trainer, rec)
+    app = DashboardApp(trainer, rec, run_dir=str(tmp_path / "run"), engine=engine)
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            engine.start()
+            pane = app.query_one(SamplesPane)
+            for _ in range(600):
+                if f"expected: {records[39]['output']}" in pane.plain():
+                    break
+                await pilot.pause(0.05)
+            text = pane.plain()
+            assert records[38]["instruction"] in text and f"expected: {records[38]['output']}" in text
+            assert "→ " in text
+    finally:
+        trainer.stop(save=False)
+        await asyncio.to_thread(engine.join, 30)
+    assert not engine.is_alive()

@@ -266,7 +266,7 @@ class DashboardApp(App[int]):
                 if key in pane.contents:
                     continue
                 if kind == "sample":
-                    pane.put(key, sample_text(ev.step, ev.epoch, ev.prompt, ev.text))
+                    pane.put(key, sample_text(ev.step, ev.epoch, ev.prompt, ev.text, ev.expected))
                 else:
                     from rich.text import Text
 

@@ -387,9 +387,16 @@ class SamplesPane(VerticalScroll):
         return "\n".join(t.plain for t in self.contents.values())
 
 
-def sample_text(step: int, epoch: int, prompt: str, text: str) -> Text:
+def sample_text(step: int, epoch: int, prompt: str, text: str, expected: str | None = None) -> Text:
     t = Text()
     t.append(f"step {step:,} · epoch {epoch + 1}\n", style="dim")
+    if expected is not None:  # instruction finetuning: instruction, response, expected response
+        t.append(prompt + "\n", style="bold")
+        t.append("→ ", style="dim")
+        t.append((text or "(empty)") + "\n")
+        t.append("expected: ", style="dim")
+        t.append(expected, style="green")
+        return t
     if prompt.strip():
         t.append(prompt, style="bold")
     t.append(text)
