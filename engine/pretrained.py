@@ -169,7 +169,12 @@ def _open_hf(path: str) -> GPT2Source:
     elif os.path.isfile(pt):
         files = [pt]
         try:
-            sd = torch.load(pt, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                sd = torch.load(pt, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # files in torch's legacy (pre-zip) format cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                sd = torch.load(pt, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{pt} could not be read safely ({str(e).splitlines()[0][:160]})",
                                   "use the model's model.safetensors instead") from None

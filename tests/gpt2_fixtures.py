@@ -58,7 +58,9 @@ def hf_config(hp: dict = HP) -> dict:
 
 def write_hf(folder: Path, tensors: dict[str, np.ndarray], hp: dict = HP, fmt: str = "safetensors",
              prefix: str = "", lm_head: bool = False, mask_buffers: bool = False) -> Path:
-    """A Hugging Face GPT-2 folder. ``prefix="transformer."`` and ``lm_head`` mimic GPT2LMHeadModel."""
+    """A Hugging Face GPT-2 folder (``fmt``: safetensors, sharded, bin or bin-legacy).
+
+    ``prefix="transformer."`` and ``lm_head`` mimic GPT2LMHeadModel's state dict."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(hf_config(hp), indent=2))
     sd = {prefix + k: torch.from_numpy(v.copy()) for k, v in tensors.items()}
@@ -73,8 +75,17 @@ def write_hf(folder: Path, tensors: dict[str, np.ndarray], hp: dict = HP, fmt: s
         from safetensors.torch import save_file
 
         save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        torch.save(sd, folder / "pytorch_model.bin")
+    elif fmt == "sharded":  # model.safetensors.index.json + two shards, as large HF models are stored
+        from safetensors.torch import save_file
+
+        names = sorted(sd)
+        shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+        for file, keys in shards.items():
+            save_file({k: sd[k] for k in keys}, str(folder / file), metadata={"format": "pt"})
+        index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:  # "bin", or "bin-legacy": torch's pre-zip format, as old uploads have it
+        torch.save(sd, folder / "pytorch_model.bin", _use_new_zipfile_serialization=fmt != "bin-legacy")
     return folder
 
 

@@ -105,12 +105,17 @@ def test_masked_crc_matches_fixture_written_by_tensorflow() -> None:
 
 
 # ---------------------------------------------------------- logits
-@pytest.mark.parametrize("variant", ["safetensors", "bin-prefixed", "safetensors-buffers"])
+@pytest.mark.parametrize("variant", ["safetensors", "bin-prefixed", "safetensors-buffers", "sharded",
+                                     "bin-legacy"])
 def test_hf_import_matches_reference_logits(tmp_path: Path, tensors, variant: str) -> None:
     if variant == "safetensors":
         folder = write_hf(tmp_path / "hf", tensors)
     elif variant == "bin-prefixed":
         folder = write_hf(tmp_path / "hf", tensors, fmt="bin", prefix="transformer.", lm_head=True)
+    elif variant == "bin-legacy":
+        folder = write_hf(tmp_path / "hf", tensors, fmt="bin-legacy")
+    elif variant == "sharded":
+        folder = write_hf(tmp_path / "hf", tensors, fmt="sharded")
     else:
         folder = write_hf(tmp_path / "hf", tensors, mask_buffers=True)
     model, src = load_gpt2(str(folder), dropout=0.0)
