@@ -7,7 +7,15 @@ import torch
 
 from engine.errors import GptTuiError
 from engine.model import GPT, ModelConfig
-from engine.sampling import SampleSettings, filter_logits, generate, generate_batch, generate_text_simple
+from engine.sampling import (
+    TRANSPOSED_HEAD_MIN_TOKENS,
+    SampleSettings,
+    filter_logits,
+    generate,
+    generate_batch,
+    generate_text_simple,
+    next_logits_fn,
+)
 
 CTX = 16
 
@@ -27,9 +35,10 @@ def greedy(n: int, use_cache: bool = True) -> SampleSettings:
     return SampleSettings(max_new_tokens=n, temperature=0.0, use_cache=use_cache)
 
 
-@pytest.mark.parametrize("prompt_len,new", [(5, 8), (5, 30), (CTX, 10), (CTX + 7, 12)])
+@pytest.mark.parametrize("prompt_len,new", [(5, 8), (5, 30), (CTX, 10), (CTX + 7, 12), (5, 40)])
 def test_cached_and_uncached_greedy_agree(model: GPT, prompt_len: int, new: int) -> None:
-    # (5, 30) and the long prompts run past the context, where the window slides.
+    # (5, 30), (5, 40) and the long prompts run past the context, where the window slides;
+    # 40 tokens are enough for the transposed copy of the head on CPU.
     torch.manual_seed(1)
     x = torch.randint(0, 50, (2, prompt_len))
     cached = generate(model, x, greedy(new))
@@ -40,6 +49,15 @@ def test_cached_and_uncached_greedy_agree(model: GPT, prompt_len: int, new: int)
     assert torch.equal(cached, book)
     # the text is not degenerate (a constant output would agree trivially)
     assert len(set(cached[0, prompt_len:].tolist())) > 2
+
+
+def test_transposed_head_gives_the_module_head_logits(model: GPT) -> None:
+    h = torch.randn(3, model.cfg.n_embd)
+    short = next_logits_fn(model, 1)
+    long = next_logits_fn(model, TRANSPOSED_HEAD_MIN_TOKENS)
+    assert short is model.head and long is not model.head
+    with torch.no_grad():
+        assert torch.allclose(long(h), model.head(h), rtol=1e-5, atol=1e-4)
 
 
 def test_same_seed_same_output_and_global_rng_untouched(model: GPT) -> None:

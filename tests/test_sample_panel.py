@@ -261,6 +261,19 @@ async def test_live_backend_generates_from_a_training_run(tmp_path: Path, corpus
             await wait_until(pilot, lambda: len(panel._output) > 0)
             await pilot.press("ctrl+c")
             assert panel.history[-1].stopped and not panel.generating
+            # the next one starts once the engine has ended the stopped one, and gets only its own text
+            await set_field(pilot, panel, "max_new_tokens", "7")
+            await type_prompt(pilot, panel, "It")
+
+            async def started() -> bool:
+                await pilot.press("enter")
+                return panel.generating or "has not ended yet" not in status(panel)
+
+            t0 = time.monotonic()
+            while not await started():
+                assert time.monotonic() - t0 < 30
+            await wait_until(pilot, lambda: not panel.generating)
+            assert len(panel.history[-1].output) == 7 and not panel.history[-1].stopped
     finally:
         trainer.stop()
         thread.join(30)

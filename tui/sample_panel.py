@@ -155,7 +155,10 @@ class LiveBackend:
 
     def start(self, prompt: str, settings: SampleSettings) -> None:
         self.note = self._check(prompt)
-        self.cancel()
+        if self._id is not None and self._id not in self.recorder.snapshot()["generation_done"]:
+            # a new request would clear the stop flag of the one still running
+            raise GptTuiError("the stopped generation has not ended yet (it ends at the next step boundary)",
+                              "press Enter again in a moment")
         self.error = None
         self._cancelled = False
         self._seen = 0
