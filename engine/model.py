@@ -261,6 +261,14 @@ class GPT(nn.Module):
         return self.loss_from_hidden(h, targets)
 
     def loss_from_hidden(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the LM head's logits; targets of -100 are ignored.
+
+        A plain ``nn.Linear`` head goes through :func:`linear_cross_entropy` (chunked, no full
+        fp32 logits kept); any other head (e.g. one wrapped for LoRA) and compiled graphs take
+        the reference path.
+        """
+        if type(self.head) is nn.Linear and self.head.bias is None and not torch.compiler.is_compiling():
+            return linear_cross_entropy(h, self.head.weight, targets)
         logits = self.head(h)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
@@ -276,6 +284,8 @@ class GPT(nn.Module):
         cfg = self.cfg
         T = seq_len or cfg.context_length
         N = self.num_params(non_embedding=True)
+        if not cfg.tie_weights:
+            N -= self.tok_emb.weight.numel()  # a lookup, no matmul (a tied table is the head's)
         if cfg.arch == "bigram":
             return 6.0 * cfg.n_embd * cfg.vocab_size
         return 6.0 * N + 12.0 * cfg.n_layer * cfg.n_embd * T
@@ -298,6 +308,87 @@ class GPT(nn.Module):
         if fused:
             kwargs["fused"] = True
         return torch.optim.AdamW(groups, lr=lr, betas=betas, **kwargs)
+
+
+LOSS_CHUNK_ELEMENTS = 1 << 23
+"""Logits computed at a time by :func:`linear_cross_entropy` (32 MB of fp32)."""
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of ``h @ w.T`` whose gradients are computed in the forward pass.
+
+    The logits are made ``chunk`` rows at a time: each chunk's fp32 log-softmax gives the
+    loss, and its softmax is written straight into one gradient buffer ``G`` in the
+    compute dtype (bf16 under autocast). The reference path instead keeps the logits, an
+    fp32 copy, the log-softmax and their gradients, about six full passes over
+    (rows x vocab) memory that dominate small models with a 50,257-token head.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, targets, chunk, cdt):  # noqa: ANN001, ANN205
+        with torch.autocast(h.device.type, enabled=False):
+            n = h.size(0)
+            hc, wc = h.to(cdt), w.to(cdt)
+            valid = targets != -100
+            n_valid = valid.sum().clamp(min=1)
+            tgt = targets.clamp(min=0)
+            need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            g = torch.empty(n, w.size(0), dtype=cdt, device=h.device) if need_h or need_w else None
+            nll = torch.empty(n, dtype=torch.float32, device=h.device)
+            for s in range(0, n, chunk):
+                e = min(n, s + chunk)
+                logp = torch.log_softmax((hc[s:e] @ wc.t()).float(), dim=-1)
+                nll[s:e] = logp.gather(1, tgt[s:e, None]).squeeze(1).neg()
+                if g is not None:
+                    torch.exp(logp, out=g[s:e])  # softmax
+            loss = (nll * valid).sum() / n_valid
+            grad_h = grad_w = None
+            if g is not None:
+                g[torch.arange(n, device=h.device), tgt] -= 1  # softmax - one_hot
+                scale = valid.to(torch.float32) / n_valid  # ignored rows get no gradient
+                if need_h:
+                    grad_h = (g @ wc).float().mul_(scale[:, None]).to(h.dtype)
+                if need_w:
+                    grad_w = (g.t() @ (hc * valid[:, None].to(cdt))).float().div_(n_valid).to(w.dtype)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        grad_h, grad_w = ctx.saved_tensors
+        return (
+            grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
+            grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None,
+            None, None, None,
+        )
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of ``h @ weight.T`` against ``targets`` (-100 ignored), like
+    ``F.cross_entropy(F.linear(h, weight).float(), targets)`` but without materializing the
+    full logits or their fp32 copies. Matmuls run in the autocast dtype when autocast is on;
+    softmax and loss are fp32. ``h`` is (..., C), ``targets`` the matching (...) ids.
+    """
+    h2 = h.reshape(-1, h.size(-1))
+    t = targets.reshape(-1)
+    dev = h.device.type
+    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+    chunk = chunk_rows or max(1, LOSS_CHUNK_ELEMENTS // weight.size(0))
+    if not torch.is_grad_enabled():
+        with torch.no_grad():
+            return _LinearCrossEntropy.forward(_NoGradCtx, h2, weight, t, chunk, cdt)
+    return _LinearCrossEntropy.apply(h2, weight, t, chunk, cdt)
+
+
+class _NoGradCtx:
+    """Stand-in autograd context for loss-only evaluation (no gradient buffers)."""
+
+    needs_input_grad = (False, False, False, False, False)
+
+    @staticmethod
+    def save_for_backward(*tensors: torch.Tensor | None) -> None:
+        pass
 
 
 def describe_shape_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:

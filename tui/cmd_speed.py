@@ -1,9 +1,257 @@
-"""Commands of this area (registered on the main typer app)."""
+"""``gpt-tui bench``: standard speed measurements of this machine, as a table or JSON.
+
+Training tokens/sec and MFU per preset at the default flags (``--compare``: beside the
+book's GPTModel on the same batches), generation with and without the KV cache,
+tokenization MB/s, time from launch to the first step, and peak memory of ``gpt2`` at
+batch 2 x 256. The measurements live in :mod:`engine.bench`.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
+from typing import Any
+
 import typer
+
+from .common import fail, friendly_errors
+
+PARTS = ("peak", "train", "generate", "tokenize", "launch", "memory")
+
+
+def parse_presets(spec: str) -> list[tuple[str, int | None, int | None]]:
+    """``tiny,small,gpt2:2x256`` -> [(preset, batch or None, context or None), ...]."""
+    from engine.model import PRESETS
+
+    out = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        name, _, shape = item.partition(":")
+        if name not in PRESETS:
+            fail(f"unknown preset {name!r} in --presets: choose from {', '.join(PRESETS)}")
+        batch = ctx = None
+        if shape:
+            b, x, t = shape.partition("x")
+            if not (b.isdigit() and x and t.isdigit() and int(b) > 0 and int(t) > 0):
+                fail(f"bad shape {shape!r} for {name} in --presets: write BATCHxCONTEXT, e.g. {name}:2x256")
+            batch, ctx = int(b), int(t)
+        out.append((name, batch, ctx))
+    if not out:
+        fail("--presets is empty: give e.g. --presets tiny,small,gpt2")
+    return out
+
+
+def parse_parts(only: str | None, skip: str | None) -> set[str]:
+    def names(s: str, flag: str) -> set[str]:
+        got = {p.strip() for p in s.split(",") if p.strip()}
+        bad = got - set(PARTS)
+        if bad:
+            fail(f"unknown part(s) {', '.join(sorted(bad))} in {flag}: choose from {', '.join(PARTS)}")
+        return got
+
+    parts = names(only, "--only") if only else set(PARTS)
+    if skip:
+        parts -= names(skip, "--skip")
+    return parts
+
+
+class _Progress:
+    """A spinner line on stderr with the running part and its elapsed time (steps can take minutes)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                      console=Console(stderr=True), transient=True)
+            self._progress.__enter__()
+            self._task = self._progress.add_task("starting", total=None)
+        return self
+
+    def __call__(self, message: str) -> None:
+        if self._progress is not None:
+            self._progress.reset(self._task, description=message)
+        elif self.enabled:
+            print(message, file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+
+def _fmt_si(v: float | None, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:.1f} {suffix}{unit}"
+    return f"{v:.0f} {unit}".strip()
+
+
+def _fmt_rate(v: float | None) -> str:
+    return "-" if v is None else (f"{v:,.0f}" if v >= 100 else f"{v:.1f}")
+
+
+def render(report: dict[str, Any]) -> None:
+    """Draw the report as rich tables on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    m = report["machine"]
+    gpu = f" · {m['gpu']}" if m.get("gpu") else ""
+    con.print(f"[bold]gpt-tui bench[/] {m['date']} · {m['cpu']} · {m['cores']} cores{gpu} · torch {m['torch']} · "
+              f"{m['device']}, {m['threads']} threads · load {m.get('load_avg', '-')}")
+    if report.get("peaks"):
+        t = Table(title="Device peak (matmul)", title_justify="left")
+        for c in ("dtype", "FLOP/s", "source"):
+            t.add_column(c)
+        for p in report["peaks"]:
+            size = f" ({p.size}x{p.size})" if p.size else ""
+            t.add_row(p.dtype, _fmt_si(p.flops, "FLOP/s"), p.source + size)
+        con.print(t)
+    if report.get("train"):
+        compare = any(r.book_tokens_per_sec for r in report["train"])
+        t = Table(title="Training (default flags; median step after warm-up)", title_justify="left")
+        cols = ["preset", "batch x ctx", "tokenizer", "dtype", "params", "step", "tokens/s", "MFU"]
+        cols += ["book tokens/s", "ratio"] if compare else ["peak mem"]
+        for c in cols:
+            t.add_column(c, justify="right" if c not in ("preset", "tokenizer", "dtype") else "left")
+        for r in report["train"]:
+            row = [r.preset, f"{r.batch_size} x {r.context}", r.tokenizer, r.dtype, _fmt_si(r.n_params),
+                   f"{r.step_time * 1000:,.0f} ms", _fmt_rate(r.tokens_per_sec),
+                   f"{r.mfu * 100:.1f}%" if r.mfu is not None else "-"]
+            if compare:
+                row += [_fmt_rate(r.book_tokens_per_sec), f"{r.ratio:.2f}x" if r.ratio else "-"]
+            else:
+                row += [f"{r.peak_memory_mb:,.0f} MB {r.memory_kind}" if r.peak_memory_mb else "-"]
+            t.add_row(*row)
+        con.print(t)
+    if report.get("generate"):
+        t = Table(title="Generation (greedy, batch 1)", title_justify="left")
+        for c in ("preset", "dtype", "prompt + new", "KV cache tok/s", "recompute tok/s", "speed-up"):
+            t.add_column(c)
+        for g in report["generate"]:
+            t.add_row(g.preset, g.dtype, f"{g.prompt_tokens} + {g.new_tokens}", _fmt_rate(g.cached_tokens_per_sec),
+                      _fmt_rate(g.uncached_tokens_per_sec), f"{g.speedup:.1f}x")
+        con.print(t)
+    if report.get("tokenize"):
+        t = Table(title="Tokenization (into the token cache)", title_justify="left")
+        for c in ("tokenizer", "corpus", "MB", "tokens", "MB/s"):
+            t.add_column(c)
+        for r in report["tokenize"]:
+            t.add_row(r.tokenizer, r.corpus, f"{r.megabytes:.2f}", f"{r.tokens:,}", f"{r.mb_per_sec:.2f}")
+        con.print(t)
+    if report.get("launch"):
+        la = report["launch"]
+        sec = lambda v: "-" if v is None else f"{v:.2f} s"  # noqa: E731
+        con.print(f"Launch: setup done after {sec(la.to_setup)}, first step after {sec(la.to_first_step)} "
+                  f"([dim]{la.command}[/])")
+    if report.get("memory"):
+        r = report["memory"]
+        con.print(f"Peak memory, {r.preset} at batch {r.batch_size} x {r.context} ({r.dtype}): "
+                  f"{r.peak_memory_mb:,.0f} MB {r.memory_kind}" if r.peak_memory_mb else "Peak memory: -")
+    if report.get("soak"):
+        s = report["soak"]
+        g = s.growth_mb()
+        con.print(f"Memory over {s.steps:,} steps of tiny: growth {g:+.1f} MB after the first quarter; "
+                  f"recorder holds {s.recorder_points} of at most {s.recorder_max_points} points"
+                  if g is not None else "Memory soak: too few samples")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``gpt-tui bench`` to ``app``."""
+
+    @app.command()
+    @friendly_errors
+    def bench(
+        presets: str = typer.Option("tiny,small,gpt2", "--presets", help="Presets to train, comma-separated; PRESET:BxT sets batch and context (e.g. gpt2:2x256)."),
+        steps: int = typer.Option(3, "--steps", help="Timed training steps per preset (the median is reported)."),
+        warmup: int = typer.Option(1, "--warmup", help="Untimed steps first."),
+        batch_size: int = typer.Option(None, "--batch-size", "-b", help="Batch size for every preset (default: the train default, 8)."),
+        context: int = typer.Option(None, "--context", help="Context for every preset (default: the preset's)."),
+        compare: bool = typer.Option(False, "--compare", help="Train the book's GPTModel (pip install --no-deps llms-from-scratch) beside ours and print the ratio."),
+        data: list[str] = typer.Option(None, "--data", "-d", help="Corpus for training and tokenization (default: the embedded python-docs)."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps."),
+        dtype: str = typer.Option("auto", "--dtype", help="auto (the train default), fp32, bf16, fp16."),
+        threads: int = typer.Option(None, "--threads", help="Torch CPU threads (default: the train default)."),
+        peak: float = typer.Option(None, "--peak-flops", help="The device's peak FLOP/s for MFU (e.g. 989e12), instead of the table or a measurement."),
+        gen_tokens: int = typer.Option(64, "--gen-tokens", help="New tokens per generation measurement."),
+        gen_presets: str = typer.Option("small", "--gen-presets", help="Presets whose generation speed is measured."),
+        memory: str = typer.Option("gpt2:2x256", "--memory", help="PRESET:BxT whose peak training memory is reported."),
+        soak: int = typer.Option(0, "--soak", help="Also train tiny for N steps and report memory growth (0: off)."),
+        only: str = typer.Option(None, "--only", help=f"Run only these parts: {', '.join(PARTS)}."),
+        skip: str = typer.Option(None, "--skip", help="Skip these parts."),
+        as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    ) -> None:
+        """Measure training, generation and tokenization speed on this machine."""
+        import torch
+
+        from engine import bench as B
+        from engine.device import resolve_device
+
+        for flag, v in (("--steps", steps), ("--gen-tokens", gen_tokens)):
+            if v < 1:
+                fail(f"{flag} must be at least 1, got {v}")
+        if warmup < 0 or soak < 0:
+            fail("--warmup and --soak must not be negative")
+        parts = parse_parts(only, skip)
+        chosen = parse_presets(presets)
+        gens = parse_presets(gen_presets)
+        mem_spec = parse_presets(memory)[0]
+        dev = resolve_device(device)
+        common = dict(data=list(data or []), device=device, dtype=dtype, threads=threads)
+        if dev.type == "cpu":
+            from engine.device import default_threads
+
+            torch.set_num_threads(threads or default_threads(False))
+        report: dict[str, Any] = {"machine": B.machine_info(dev)}
+        with _Progress(sys.stderr.isatty() or not as_json) as progress:
+            if "peak" in parts:
+                progress("measuring the matmul peak")
+                kinds = ["fp32", "bf16"] if dev.type != "cuda" or torch.cuda.is_bf16_supported() else ["fp32", "fp16"]
+                report["peaks"] = B.device_peaks(dev, kinds, given=peak)
+            if "train" in parts:
+                report["train"] = [
+                    B.bench_train(B.bench_config(p, batch_size=b or batch_size, context=t or context, **common),
+                                  steps=steps, warmup=warmup, compare=compare, progress=progress)
+                    for p, b, t in chosen
+                ]
+            if "generate" in parts:
+                report["generate"] = [
+                    B.bench_generate(B.bench_config(p, batch_size=b, context=t, **common), gen_tokens, progress=progress)
+                    for p, b, t in gens
+                ]
+            if "tokenize" in parts:
+                report["tokenize"] = B.bench_tokenize(data, progress=progress)
+            if "launch" in parts:
+                progress("timing launch to first step (gpt-tui train --headless --max-steps 1)")
+                with tempfile.TemporaryDirectory(prefix="gpt-tui-bench-") as d:
+                    run = os.path.join(d, "run")
+                    cmd = [sys.executable, "-m", "tui.cli", "train", "--headless", "--max-steps", "1", "--out", run,
+                           "--device", device, "--dtype", dtype]
+                    for f in data or []:
+                        cmd += ["--data", f]
+                    if threads:
+                        cmd += ["--threads", str(threads)]
+                    report["launch"] = B.time_to_first_step(cmd, run)
+            if "memory" in parts:
+                p, b, t = mem_spec
+                cfg = B.bench_config(p, batch_size=b or 2, context=t or 256, **common)
+                report["memory"] = B.bench_train(cfg, steps=1, warmup=1, progress=progress)
+            if soak:
+                progress(f"training tiny for {soak:,} steps (memory soak)")
+                cfg = B.bench_config("tiny", max_steps=soak, **common)
+                report["soak"] = B.memory_soak(cfg)
+        if as_json:
+            print(B.to_json(report))
+        else:
+            render(report)

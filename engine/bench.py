@@ -1,0 +1,517 @@
+"""Standard speed measurements of this machine: the library behind ``gpt-tui bench``.
+
+Everything here returns plain dataclasses; the CLI draws the table. Training throughput
+is measured with the real :class:`~engine.trainer.Trainer` at a preset's default flags
+(tokenizer, learning rate, dropout, dtype, threads, fused AdamW), so the numbers are what
+``gpt-tui train`` does. The comparison trains the book's ``GPTModel`` (PyPI package
+``llms-from-scratch``) at the same configuration on the same batches, its steps
+interleaved with ours so that a busy machine slows both alike.
+
+MFU is model FLOPs (``GPT.flops_per_token``) per second over the device's peak: on a CPU
+the peak is measured here with large matmuls in fp32 and bf16 and stored for the trainer
+and dashboard (:func:`engine.device.store_measured_peak`); on a GPU it comes from the
+table in :mod:`engine.device` or a given value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .device import memory_mb, peak_flops, store_measured_peak
+from .errors import GptTuiError
+from .events import NullSink, Recorder
+from .model import GPT
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# ------------------------------------------------------------------ machine facts
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``, else the platform's)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Date, device, CPU, core count, torch version and threads: the table's header."""
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "device": str(device),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        info["load_avg"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# ------------------------------------------------------------------ peak FLOP/s
+@dataclass
+class PeakResult:
+    device: str
+    dtype: str
+    flops: float
+    size: int
+    source: str  # measured, table or given
+
+
+def measure_matmul_peak(device: torch.device, dtype: str, size: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of ``size``-square matmuls in fp32 or bf16 (fp16 on GPUs) on ``device``."""
+    tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    a = torch.randn(size, size, device=device).to(tdt)
+    b = torch.randn(size, size, device=device).to(tdt)
+    a @ b  # warm-up: kernels chosen, pages touched
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * size**3 / best
+
+
+def device_peaks(device: torch.device, dtypes: Sequence[str], given: float | None = None,
+                 size: int = 2048, store: bool = True) -> list[PeakResult]:
+    """The peaks MFU is measured against: given, the GPU table, or measured (CPU, MPS) and stored."""
+    out = []
+    for dt in dtypes:
+        if given:
+            out.append(PeakResult(str(device), dt, given, 0, "given"))
+            continue
+        if device.type == "cuda":
+            known = peak_flops(device, dt)
+            if known:
+                out.append(PeakResult(str(device), dt, known, 0, "table"))
+                continue
+        flops = measure_matmul_peak(device, dt, size)
+        if store and device.type != "cuda":
+            store_measured_peak(device.type, dt, flops)
+        out.append(PeakResult(str(device), dt, flops, size, "measured"))
+    return out
+
+
+# ------------------------------------------------------------------ memory
+def rss_mb() -> float | None:
+    """Resident memory of this process in MiB (Linux), else None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakMemory:
+    """Peak memory over a block: CUDA's allocator peak, else the process RSS sampled every few ms."""
+
+    def __init__(self, device: torch.device, interval: float = 0.005) -> None:
+        self.device = device
+        self.interval = interval
+        self.base: float | None = None
+        self.peak: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            self.base = rss_mb() if self.device.type == "cpu" else memory_mb(self.device)
+            self.peak = self.base
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _read(self) -> float | None:
+        return rss_mb() if self.device.type == "cpu" else memory_mb(self.device)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            v = self._read()
+            if v is not None and (self.peak is None or v > self.peak):
+                self.peak = v
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+            v = self._read()
+            if v is not None and (self.peak is None or v > self.peak):
+                self.peak = v
+
+    @property
+    def kind(self) -> str:
+        return "allocated" if self.device.type in ("cuda", "mps") else "rss"
+
+
+# ------------------------------------------------------------------ training
+@dataclass
+class TrainResult:
+    """Training throughput of one preset (and of the book's model beside it, when compared)."""
+
+    preset: str
+    batch_size: int
+    context: int
+    tokenizer: str
+    vocab_size: int
+    dtype: str
+    device: str
+    threads: int
+    n_params: int
+    steps: int
+    step_time: float
+    tokens_per_sec: float
+    flops_per_token: float
+    mfu: float | None
+    peak_memory_mb: float | None = None
+    memory_kind: str = ""
+    loss: float | None = None
+    data_time: float | None = None
+    book_step_time: float | None = None
+    book_tokens_per_sec: float | None = None
+    book_loss: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        """Our tokens/sec over the book's (same model, batch and data)."""
+        if not self.book_tokens_per_sec:
+            return None
+        return self.tokens_per_sec / self.book_tokens_per_sec
+
+
+def bench_config(preset: str, data: list[str] | None = None, batch_size: int | None = None,
+                 context: int | None = None, **overrides: Any) -> TrainConfig:
+    """A run config at the preset's default flags (only what is given overridden)."""
+    kw: dict[str, Any] = dict(preset=preset, data=list(data or []), eval_every=0, sample_every="0",
+                              max_steps=1_000_000, warmup_steps=0)
+    if batch_size:
+        kw["batch_size"] = batch_size
+    if context:
+        kw["context"] = context
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainConfig(**kw)
+    cfg.validate()
+    return cfg
+
+
+@contextlib.contextmanager
+def bench_trainer(cfg: TrainConfig) -> Iterator[Any]:
+    """A set-up Trainer writing into a temporary run directory (removed afterwards)."""
+    from .trainer import Trainer
+
+    with tempfile.TemporaryDirectory(prefix="gpt-tui-bench-") as d:
+        cfg = cfg.replace(out=os.path.join(d, "run"))
+        trainer = Trainer(cfg, NullSink())
+        trainer.setup()
+        try:
+            yield trainer
+        finally:
+            if trainer.metrics is not None:
+                trainer.metrics.close()
+
+
+def book_model(trainer: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The book's GPTModel at the trainer's configuration, with its fp32 AdamW (ch05)."""
+    try:
+        from llms_from_scratch.ch04 import GPTModel
+    except ImportError:
+        raise GptTuiError(
+            "--compare needs the book's code, the package llms-from-scratch, which is not installed",
+            "pip install --no-deps llms-from-scratch (its GPTModel needs only torch)",
+        ) from None
+    mc = trainer.model_ref.cfg
+    torch.manual_seed(trainer.cfg.seed)
+    model = GPTModel({
+        "vocab_size": mc.vocab_size, "context_length": mc.context_length, "emb_dim": mc.n_embd,
+        "n_heads": mc.n_head, "n_layers": mc.n_layer, "drop_rate": mc.dropout, "qkv_bias": mc.qkv_bias,
+    }).to(trainer.device)
+    model.train()
+    # As the book's train_model_simple is called in ch05: AdamW(lr=0.0004, weight_decay=0.1).
+    return model, torch.optim.AdamW(model.parameters(), lr=0.0004, weight_decay=0.1)
+
+
+def book_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One step of the book's train_model_simple (calc_loss_batch, backward, step)."""
+    opt.zero_grad()
+    logits = model(x)
+    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+
+def bench_train(cfg: TrainConfig, steps: int = 3, warmup: int = 1, compare: bool = False,
+                progress: Progress = _quiet) -> TrainResult:
+    """Median step time of ``steps`` training steps after ``warmup`` (and the book's, interleaved)."""
+    with bench_trainer(cfg) as tr:
+        name = cfg.preset
+        book = book_model(tr) if compare else None
+        device = tr.device
+        ours: list[float] = []
+        theirs: list[float] = []
+        data_times: list[float] = []
+        loss = book_loss = None
+        with PeakMemory(device) as mem:
+            for i in range(warmup + steps):
+                label = "warm-up" if i < warmup else f"step {i - warmup + 1}/{steps}"
+                progress(f"{name}: {label}")
+                t0 = time.perf_counter()
+                tr.micro_batch(tr.step, 0)
+                data_times.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                loss, _, _ = tr.train_step()
+                _sync(device)
+                dt = time.perf_counter() - t0
+                if i >= warmup:
+                    ours.append(dt)
+                if book is not None:
+                    progress(f"{name}: {label} (book's model)")
+                    x, y = tr.micro_batch(tr.step, 0)
+                    t0 = time.perf_counter()
+                    book_loss = book_step(book[0], book[1], x, y)
+                    _sync(device)
+                    if i >= warmup:
+                        theirs.append(time.perf_counter() - t0)
+                tr.step += 1
+        step_time = statistics.median(ours)
+        tps = tr.tokens_per_step() / step_time
+        fpt = tr.model_ref.flops_per_token(tr.context)
+        peak = peak_flops(device, tr.dtype)
+        res = TrainResult(
+            preset=name, batch_size=cfg.batch_size, context=tr.context, tokenizer=tr.tokenizer.spec()["type"],
+            vocab_size=tr.tokenizer.vocab_size, dtype=tr.dtype, device=str(device), threads=torch.get_num_threads(),
+            n_params=tr.model_ref.num_params(), steps=steps, step_time=step_time, tokens_per_sec=tps,
+            flops_per_token=fpt, mfu=fpt * tps / peak if peak else None,
+            peak_memory_mb=None if compare else mem.peak, memory_kind=mem.kind, loss=loss,
+            data_time=statistics.median(data_times),
+        )
+        if theirs:
+            res.book_step_time = statistics.median(theirs)
+            res.book_tokens_per_sec = tr.tokens_per_step() / res.book_step_time
+            res.book_loss = book_loss
+        return res
+
+
+# ------------------------------------------------------------------ generation
+@dataclass
+class GenerateResult:
+    preset: str
+    dtype: str
+    prompt_tokens: int
+    new_tokens: int
+    cached_tokens_per_sec: float
+    uncached_tokens_per_sec: float
+
+    @property
+    def speedup(self) -> float:
+        return self.cached_tokens_per_sec / self.uncached_tokens_per_sec
+
+
+def bench_generate(cfg: TrainConfig, new_tokens: int = 64, prompt_tokens: int = 16,
+                   progress: Progress = _quiet) -> GenerateResult:
+    """Greedy decoding tokens/sec of a fresh model with the KV cache and with full recomputation."""
+    from .sampling import SampleSettings, generate
+
+    with bench_trainer(cfg) as tr:
+        model: GPT = tr.model_ref
+        n_prompt = min(prompt_tokens, max(1, model.cfg.context_length - 1))
+        idx = torch.randint(0, tr.tokenizer.vocab_size, (1, n_prompt), device=tr.device)
+        rates = {}
+        for use_cache in (True, False):
+            progress(f"{cfg.preset}: generating {new_tokens} tokens {'with' if use_cache else 'without'} the KV cache")
+            settings = SampleSettings(max_new_tokens=new_tokens, temperature=0.0, top_k=None, seed=0,
+                                      stop_at_eot=False, use_cache=use_cache)
+            generate(model, idx, SampleSettings(max_new_tokens=2, temperature=0.0, use_cache=use_cache),
+                     autocast=tr.autocast)  # warm-up
+            t0 = time.perf_counter()
+            generate(model, idx, settings, autocast=tr.autocast)
+            _sync(tr.device)
+            rates[use_cache] = new_tokens / (time.perf_counter() - t0)
+        return GenerateResult(cfg.preset, tr.dtype, n_prompt, new_tokens, rates[True], rates[False])
+
+
+# ------------------------------------------------------------------ tokenization
+@dataclass
+class TokenizeResult:
+    tokenizer: str
+    corpus: str
+    megabytes: float
+    seconds: float
+    tokens: int
+
+    @property
+    def mb_per_sec(self) -> float:
+        return self.megabytes / self.seconds
+
+
+@contextlib.contextmanager
+def _cache_dir(path: str) -> Iterator[None]:
+    old = os.environ.get("GPT_TUI_CACHE")
+    os.environ["GPT_TUI_CACHE"] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("GPT_TUI_CACHE", None)
+        else:
+            os.environ["GPT_TUI_CACHE"] = old
+
+
+def bench_tokenize(data: list[str] | None = None, tokenizers: Sequence[str] = ("gpt2", "char"),
+                   progress: Progress = _quiet) -> list[TokenizeResult]:
+    """Throughput of tokenizing a corpus into the token cache (a fresh cache: no hit)."""
+    from .data import build_char_tokenizer, load_tokens, resolve_sources, tokenize_to_cache
+    from .tokenizer import GPT2Tokenizer
+
+    files = resolve_sources(list(data or []))
+    size = sum(os.path.getsize(f) for f in files) / 2**20
+    label = ", ".join(os.path.basename(f) for f in files)
+    out = []
+    for name in tokenizers:
+        progress(f"tokenizing {label} ({size:.1f} MB) with {name}")
+        with tempfile.TemporaryDirectory(prefix="gpt-tui-bench-") as d, _cache_dir(d):
+            t0 = time.perf_counter()
+            tok = GPT2Tokenizer() if name == "gpt2" else build_char_tokenizer(files)
+            n = len(load_tokens(tokenize_to_cache(files, tok)))
+            out.append(TokenizeResult(name, label, size, time.perf_counter() - t0, n))
+    return out
+
+
+# ------------------------------------------------------------------ launch
+@dataclass
+class LaunchResult:
+    command: str
+    to_setup: float | None
+    to_first_step: float | None
+
+
+def time_to_first_step(command: Sequence[str], run_dir: str, timeout: float = 600,
+                       env: dict[str, str] | None = None) -> LaunchResult:
+    """Seconds from launching ``command`` (a training run writing ``run_dir``) to its first step.
+
+    Read from the run's ``metrics.jsonl``: the start event (setup done) and the first step
+    event's end, each against the wall clock just before the process was started.
+    """
+    from .events import read_metrics
+
+    t0 = time.time()
+    proc = subprocess.run(list(command), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    recs = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    if proc.returncode != 0 and not recs:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise GptTuiError(f"the timed training run failed: {last}", "run the command by hand to see why")
+    start = next((r["time"] for r in recs if r.get("type") == "start"), None)
+    step = next((r["time"] for r in recs if r.get("type") == "step"), None)
+    return LaunchResult(" ".join(command), start - t0 if start else None, step - t0 if step else None)
+
+
+# ------------------------------------------------------------------ memory over a long run
+@dataclass
+class SoakResult:
+    steps: int
+    samples: list[tuple[int, float]] = field(default_factory=list)  # (step, rss MiB)
+    recorder_points: int = 0
+    recorder_max_points: int = 0
+
+    def growth_mb(self, after_fraction: float = 0.25) -> float | None:
+        """RSS growth from the first sample past ``after_fraction`` of the run to the last."""
+        pts = [(s, m) for s, m in self.samples if s >= after_fraction * self.steps]
+        if len(pts) < 2:
+            return None
+        return pts[-1][1] - pts[0][1]
+
+
+class _RssSampler:
+    """Sink that records the process RSS every ``every`` steps (and forwards to a Recorder)."""
+
+    def __init__(self, recorder: Recorder, every: int) -> None:
+        self.recorder = recorder
+        self.every = every
+        self.samples: list[tuple[int, float]] = []
+
+    def emit(self, event: Any) -> None:
+        self.recorder.emit(event)
+        if event.type == "step" and event.step % self.every == 0:
+            self.recorder.snapshot()  # what the dashboard does several times a second
+            mb = rss_mb()
+            if mb is not None:
+                self.samples.append((event.step, mb))
+
+
+def memory_soak(cfg: TrainConfig, samples: int = 20, max_points: int = 4096) -> SoakResult:
+    """Train ``cfg`` (its max_steps) with a dashboard's Recorder as the sink, sampling RSS as it goes."""
+    from .trainer import Trainer
+
+    steps = cfg.max_steps or 1000
+    recorder = Recorder(max_points=max_points)
+    sampler = _RssSampler(recorder, max(1, steps // samples))
+    with tempfile.TemporaryDirectory(prefix="gpt-tui-soak-") as d:
+        tr = Trainer(cfg.replace(out=os.path.join(d, "run")), sampler)
+        tr.setup()
+        tr.fit()
+    return SoakResult(steps, sampler.samples, len(recorder.snapshot()["steps"]), max_points)
+
+
+# ------------------------------------------------------------------ report
+def to_json(report: dict[str, Any]) -> str:
+    """The report as JSON (dataclasses expanded, derived ratios included)."""
+
+    def conv(o: Any) -> Any:
+        if isinstance(o, list):
+            return [conv(x) for x in o]
+        if isinstance(o, dict):
+            return {k: conv(v) for k, v in o.items()}
+        if hasattr(o, "__dataclass_fields__"):
+            d = asdict(o)
+            for extra in ("ratio", "speedup", "mb_per_sec"):
+                if hasattr(type(o), extra):
+                    d[extra] = getattr(o, extra)
+            return d
+        return o
+
+    return json.dumps(conv(report), indent=2)

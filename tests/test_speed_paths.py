@@ -1,0 +1,245 @@
+"""The fast paths give the losses of a plain fp32 reference, and the bench measures for real."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.model import GPT, ModelConfig, linear_cross_entropy
+from tests.conftest import run_cli, tiny_config
+
+CFG = dict(vocab_size=97, context_length=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+
+
+def reference_loss(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The textbook path: full logits, an fp32 copy, F.cross_entropy."""
+    logits = model.head(model.hidden(x))
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+
+
+def batch(vocab: int = 97, b: int = 3, t: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (b, t), generator=g), torch.randint(0, vocab, (b, t), generator=g)
+
+
+def grads(model: nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 1000])
+def test_chunked_loss_equals_cross_entropy_on_full_logits(chunk_rows: int) -> None:
+    torch.manual_seed(0)
+    h = torch.randn(5, 9, 24, requires_grad=True)
+    w = torch.randn(300, 24, requires_grad=True)
+    t = torch.randint(0, 300, (5, 9))
+    t[0, :4] = -100  # ignored positions (masked prompts, padding)
+    ref = F.cross_entropy(F.linear(h, w).flatten(0, 1), t.flatten(), ignore_index=-100)
+    rh, rw = torch.autograd.grad(ref * 3.0, [h, w])
+    out = linear_cross_entropy(h, w, t, chunk_rows=chunk_rows)
+    oh, ow = torch.autograd.grad(out * 3.0, [h, w])
+    assert out.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(oh, rh, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ow, rw, rtol=1e-5, atol=1e-7)
+    assert oh[0, :4].abs().max() == 0  # ignored rows get no gradient
+    with torch.no_grad():  # loss-only evaluation
+        assert linear_cross_entropy(h, w, t, chunk_rows=chunk_rows).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_model_loss_and_gradients_match_the_reference_in_fp32(tie: bool) -> None:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**CFG, tie_weights=tie))
+    x, y = batch()
+    ref = reference_loss(model, x, y)
+    g_ref = grads(model, ref)
+    fast = model(x, y)
+    g_fast = grads(model, fast)
+    assert fast.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert g_fast.keys() == g_ref.keys()
+    for n in g_ref:
+        torch.testing.assert_close(g_fast[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_bf16_autocast_loss_and_gradients_close_to_the_reference() -> None:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**CFG))
+    x, y = batch()
+    ref = reference_loss(model, x, y)
+    g_ref = grads(model, ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = model(x, y)
+    g_fast = grads(model, fast)
+    assert fast.dtype == torch.float32
+    assert fast.item() == pytest.approx(ref.item(), rel=1e-2)
+    for n in ("head.weight", "blocks.0.mlp.fc.weight", "tok_emb.weight"):
+        cos = F.cosine_similarity(g_fast[n].flatten(), g_ref[n].flatten(), dim=0)
+        assert cos > 0.99, (n, cos)
+
+
+def test_a_wrapped_head_takes_the_reference_path() -> None:
+    class Scaled(nn.Module):  # stands for any non-plain head (e.g. LoRA's wrapper)
+        def __init__(self, inner: nn.Linear) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return 2.0 * self.inner(h)
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**CFG))
+    x, y = batch()
+    plain = model(x, y).item()
+    model.head = Scaled(model.head)
+    expected = F.cross_entropy(model.head(model.hidden(x)).flatten(0, 1), y.flatten()).item()
+    assert model(x, y).item() == pytest.approx(expected, rel=1e-6)
+    assert model(x, y).item() != pytest.approx(plain, rel=1e-3)
+
+
+def test_flops_per_token_leaves_out_the_embedding_lookup() -> None:
+    cfg = ModelConfig(**CFG)
+    m = GPT(cfg)
+    body = m.num_params() - m.tok_emb.weight.numel() - m.pos_emb.weight.numel()
+    assert m.flops_per_token(16) == 6 * body + 12 * cfg.n_layer * cfg.n_embd * 16
+    tied = GPT(ModelConfig(**CFG, tie_weights=True))
+    assert tied.flops_per_token(16) == 6 * (tied.num_params() - tied.pos_emb.weight.numel()) + 12 * 2 * 32 * 16
+
+
+def _train(dtype: torch.dtype | None, fused: bool, steps: int = 25) -> list[float]:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**CFG))
+    opt = model.configure_optimizer(3e-3, 0.1, fused=fused)
+    losses = []
+    for i in range(steps):
+        x, y = batch(seed=i % 5)
+        with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
+            loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def test_bf16_training_tracks_fp32_and_fused_adamw_matches_foreach() -> None:
+    ref = _train(None, fused=False)
+    fused = _train(None, fused=True)
+    bf16 = _train(torch.bfloat16, fused=True)
+    assert ref[-1] < ref[0] - 0.5  # it learns
+    assert fused == pytest.approx(ref, rel=1e-4)
+    assert bf16[-1] == pytest.approx(ref[-1], rel=0.03)
+
+
+def test_trainer_fp16_scaler_only_on_cuda(corpus, tmp_path) -> None:
+    from engine.trainer import Trainer
+
+    tr = Trainer(tiny_config(corpus, tmp_path / "run", max_steps=2))
+    tr.setup()
+    assert tr.scaler is None and tr.dtype == "fp32"
+
+
+@pytest.mark.skipif(not torch.backends.mps.is_available(), reason="needs Apple's MPS device")
+def test_mps_path_fp32_default_autocast_and_no_compile(corpus, tmp_path) -> None:
+    from engine.device import resolve_dtype
+    from engine.errors import GptTuiError
+    from engine.trainer import Trainer
+
+    mps = torch.device("mps")
+    assert resolve_dtype("auto", mps) == "fp32"
+    for dt in ("auto", "bf16"):
+        tr = Trainer(tiny_config(corpus, tmp_path / f"run-{dt}", device="mps", dtype=dt, max_steps=3))
+        tr.setup()
+        assert tr.scaler is None
+        assert tr.fit() == "finished"
+        assert torch.isfinite(torch.tensor(tr._recent_losses)).all()
+    with pytest.raises(GptTuiError, match="compile"):
+        Trainer(tiny_config(corpus, tmp_path / "run-c", device="mps", compile=True)).setup()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fp16_uses_a_scaler_and_bf16_does_not(corpus, tmp_path) -> None:
+    from engine.trainer import Trainer
+
+    for dt, scaled in (("fp16", True), ("bf16", False)):
+        tr = Trainer(tiny_config(corpus, tmp_path / f"run-{dt}", device="cuda", dtype=dt, max_steps=3))
+        tr.setup()
+        assert (tr.scaler is not None) == scaled
+        assert tr.fit() == "finished"
+
+
+def test_memory_stays_flat_over_many_steps_of_tiny(corpus, tmp_path) -> None:
+    from engine.bench import memory_soak
+
+    cfg = tiny_config(corpus, tmp_path / "unused", max_steps=600, eval_every=0, n_embd=16, context=16,
+                      batch_size=2)
+    res = memory_soak(cfg, samples=12, max_points=64)
+    assert res.recorder_points <= 64  # the dashboard's buffer is thinned, not grown
+    assert len(res.samples) >= 10
+    growth = res.growth_mb()
+    assert growth is not None and growth < 25, res.samples
+
+
+def test_measured_peak_is_stored_for_mfu() -> None:
+    from engine.bench import device_peaks
+    from engine.device import measured_peak
+
+    (p,) = device_peaks(torch.device("cpu"), ["fp32"], size=128)
+    assert p.source == "measured" and p.flops > 0
+    assert measured_peak("cpu", "fp32") == p.flops
+    (g,) = device_peaks(torch.device("cpu"), ["bf16"], given=5e12)
+    assert g.flops == 5e12 and g.source == "given"
+
+
+def test_bench_cli_json(corpus) -> None:
+    r = run_cli("bench", "--presets", "tiny:2x16", "--steps", "2", "--only", "peak,train,generate,tokenize",
+                "--gen-presets", "tiny", "--gen-tokens", "4", "--data", str(corpus), "--threads", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    (t,) = rep["train"]
+    assert (t["preset"], t["batch_size"], t["context"], t["tokenizer"]) == ("tiny", 2, 16, "char")
+    assert t["tokens_per_sec"] > 0 and 0 < t["mfu"] < 1  # the peak measured first gives an MFU
+    (g,) = rep["generate"]
+    assert g["cached_tokens_per_sec"] > 0 and g["uncached_tokens_per_sec"] > 0
+    assert {x["tokenizer"] for x in rep["tokenize"]} == {"gpt2", "char"}
+    assert all(x["mb_per_sec"] > 0 for x in rep["tokenize"])
+    assert rep["machine"]["torch"] == torch.__version__
+
+
+def test_bench_cli_table_launch_and_memory(corpus) -> None:
+    r = run_cli("bench", "--only", "launch,memory", "--memory", "tiny:2x16", "--data", str(corpus), "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert "first step after" in r.stdout and "Peak memory, tiny at batch 2 x 16" in r.stdout
+
+
+def test_bench_compare_with_the_book(corpus) -> None:
+    pytest.importorskip("llms_from_scratch.ch04", reason="pip install --no-deps llms-from-scratch")
+    r = run_cli("bench", "--presets", "tiny:2x16", "--steps", "2", "--only", "train", "--compare",
+                "--data", str(corpus), "--threads", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    (t,) = json.loads(r.stdout)["train"]
+    assert t["book_tokens_per_sec"] > 0 and t["ratio"] > 0
+
+
+def test_bench_compare_without_the_package_is_one_clear_line(corpus) -> None:
+    code = ("import sys; sys.modules['llms_from_scratch'] = None; sys.argv = ['gpt-tui'] + sys.argv[1:]; "
+            "from tui.cli import main; main()")
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-c", code, "bench", "--presets", "tiny:2x16", "--steps", "1", "--only",
+                        "train", "--compare", "--data", str(corpus)], capture_output=True, text=True, timeout=180)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install --no-deps llms-from-scratch" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bench_rejects_bad_presets() -> None:
+    r = run_cli("bench", "--presets", "tiny:2by16")
+    assert r.returncode != 0 and "BATCHxCONTEXT" in r.stderr and len(r.stderr.strip().splitlines()) == 1
