@@ -148,7 +148,8 @@ class Chart(PlotextPlot):
         return [t / scale for _, t in pairs]
 
     def series(self, scale: float) -> list[tuple[list[float], list[float], str, str]]:
-        """(xs, ys, colour, marker) of each line, already thinned (subclasses)."""
+        """(xs, ys, colour, marker) of each line, already thinned (subclasses); a ``dot`` marker is
+        drawn as separate points."""
         return []
 
     def render(self) -> Any:
@@ -162,11 +163,13 @@ class Chart(PlotextPlot):
             all_x = [x for xs, _, _, _ in lines for x in xs]
             all_y = [y for _, ys, _, _ in lines for y in ys if math.isfinite(y)]
             for xs, ys, color, marker in lines:
-                plt.plot(xs, ys, color=color, marker=marker)
+                draw = plt.scatter if marker == "dot" else plt.plot
+                draw(xs, ys, color=color, marker=marker)
             if all_x and all_y:
                 xt = tick_values(min(all_x), max(all_x), 4 if self.size.width > 40 else 3)
                 plt.xticks(xt, [self.x_label(v, unit) for v in xt])
-                yt = tick_values(min(all_y), max(all_y), 3 if self.size.height < 10 else 5)
+                h = self.size.height
+                yt = tick_values(min(all_y), max(all_y), 2 if h < 6 else 3 if h < 10 else 5)
                 plt.yticks(yt, [self.y_format.format(v) for v in yt])
         return super().render()
 
@@ -305,6 +308,15 @@ def stats_rows(snap: dict[str, Any], clock: RunClock) -> list[tuple[str, str]]:
         rows.append(("params", "-"))
     mem = last.memory_mb if last else None
     rows.append(("memory", f"{mem / 1024:.2f} GB" if mem is not None else "-"))
+    # below: seen when the pane is taller than 80x24 gives it
+    rows.append(("tokens", fmt_count(last.tokens_seen) if last else "-"))
+    rows.append(("lr", f"{last.lr:.2e}" if last else "-"))
+    rows.append(("grad norm", f"{last.grad_norm:.3f}" if last else "-"))
+    if evals:
+        rows.append(("best val", f"{min(e.val_loss for e in evals):.4f}"))
+    rows.append(("elapsed", fmt_duration(clock.active(snap))))
+    ck = snap.get("last_checkpoint")
+    rows.append(("checkpoint", f"step {ck.step:,} ({ck.reason})" if ck else "-"))
     return rows
 
 
@@ -366,12 +378,17 @@ class SamplesPane(VerticalScroll):
         self.border_title = "samples"
         self.entries: dict[Any, Static] = {}
         self.contents: dict[Any, Text] = {}
+        self.following = True
+
+    def on_resize(self) -> None:
+        if self.following:
+            self.call_after_refresh(self.scroll_end, animate=False)
 
     def put(self, key: Any, text: Text) -> None:
         """Add an entry, or replace the one with this key; follows the end unless scrolled up."""
         if self.contents.get(key) == text:
             return
-        follow = self.scroll_y >= self.max_scroll_y - 1
+        follow = self.following = self.scroll_y >= self.max_scroll_y - 1
         self.contents[key] = text
         if key in self.entries:
             self.entries[key].update(text)
