@@ -47,6 +47,8 @@ from .widgets import (
     stats_rows,
 )
 
+PAUSING = "pausing at the next step"
+
 
 class SetupCancelled(Exception):
     """Raised from the tokenizer's progress callback when the run is stopped during setup."""
@@ -315,6 +317,8 @@ class DashboardApp(App[int]):
             state = "stopping"
         elif state == "running" and self.controller_paused():
             state = "pausing"
+        if state == "paused" and self.note[0] == PAUSING:
+            self.note = ("paused · p resumes", "yellow")
         note, style = self.note
         if snap["failed"] is not None:
             note, style = snap["failed"].error, "bold red"
@@ -373,7 +377,7 @@ class DashboardApp(App[int]):
         if not self._command("pause", while_running_only=True):
             return
         paused = self.controller.toggle_pause()
-        self.note = ("pausing at the next step" if paused else "resumed", "yellow")
+        self.note = (PAUSING if paused else "resumed", "yellow")
         self.refresh_now()
 
     def action_checkpoint(self) -> None:

@@ -108,6 +108,11 @@ DONE_STATES = ("finished", "stopped", "failed")
 # ------------------------------------------------------------------ charts
 
 
+# Plotext colours as ANSI palette numbers: the terminal's own colours, kept with 16 colours
+# (plotext's names do not all map onto them: its "yellow" came out uncoloured).
+ANSI = {"yellow": 3, "magenta": 5, "cyan": 6}
+
+
 def tick_values(lo: float, hi: float, n: int) -> list[float]:
     """``n`` evenly spaced values from lo to hi (one when the range is empty)."""
     if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo or n < 2:
@@ -147,7 +152,7 @@ class Chart(PlotextPlot):
             return [float(s) for s, _ in pairs]
         return [t / scale for _, t in pairs]
 
-    def series(self, scale: float) -> list[tuple[list[float], list[float], str, str]]:
+    def series(self, scale: float) -> list[tuple[list[float], list[float], int, str]]:
         """(xs, ys, colour, marker) of each line, already thinned (subclasses); a ``dot`` marker is
         drawn as separate points."""
         return []
@@ -185,14 +190,14 @@ class Chart(PlotextPlot):
 class LossChart(Chart):
     """Train loss per step (smoothed) and val loss at each eval."""
 
-    def series(self, scale: float) -> list[tuple[list[float], list[float], str, str]]:
+    def series(self, scale: float) -> list[tuple[list[float], list[float], int, str]]:
         n = self.points()
         xs = self.xs([(s, t) for s, t, _, _ in self.steps], scale)
         ys = ema([loss for _, _, loss, _ in self.steps], 0.9 if len(self.steps) > 20 else 0.5)
-        out = [(*downsample(xs, ys, n), "cyan", "braille")]
+        out = [(*downsample(xs, ys, n), ANSI["cyan"], "braille")]
         if self.evals:
             ex = self.xs([(e.step, e.tokens_seen) for e in self.evals], scale)
-            out.append((*downsample(ex, [e.val_loss for e in self.evals], n // 2), "yellow", "dot"))
+            out.append((*downsample(ex, [e.val_loss for e in self.evals], n // 2), ANSI["yellow"], "dot"))
         return out
 
     def subtitle(self, unit: str) -> str:
@@ -204,11 +209,11 @@ class LRChart(Chart):
 
     y_format = "{:.1e}"
 
-    def series(self, scale: float) -> list[tuple[list[float], list[float], str, str]]:
+    def series(self, scale: float) -> list[tuple[list[float], list[float], int, str]]:
         xs = self.xs([(s, t) for s, t, _, _ in self.steps], scale)
         ys = [lr for _, _, _, lr in self.steps]
         self.border_title = f"learning rate {ys[-1]:.2e}" if ys else "learning rate"
-        return [(*downsample(xs, ys, self.points()), "magenta", "braille")]
+        return [(*downsample(xs, ys, self.points()), ANSI["magenta"], "braille")]
 
 
 # ------------------------------------------------------------------ stats
