@@ -175,6 +175,8 @@ async def test_help_screen_and_axis_toggle(corpus: Path, tmp_path: Path, stop_en
             assert key in help_text
         await pilot.press("escape")
         assert not isinstance(app.screen, HelpScreen)
+        await pilot.press("tab")
+        assert isinstance(app.focused, SamplesPane)
 
         chart = app.query_one(LossChart)
         assert chart.axis == "steps"

@@ -136,7 +136,7 @@ class DashboardApp(App[int]):
         Binding("c", "checkpoint", "checkpoint"),
         Binding("g", "generate", "generate"),
         Binding("e", "eval", "eval"),
-        Binding("x", "toggle_axis", "x axis"),
+        Binding("x", "toggle_axis", "axis"),
         Binding("question_mark", "help", "help", key_display="?"),
         Binding("q", "quit_run", "quit"),
         Binding("ctrl+c", "quit_run", "quit", show=False, priority=True),
