@@ -281,7 +281,7 @@ def book_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tenso
     loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
     loss.backward()
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def bench_train(cfg: TrainConfig, steps: int = 3, warmup: int = 1, compare: bool = False,
@@ -334,6 +334,50 @@ def bench_train(cfg: TrainConfig, steps: int = 3, warmup: int = 1, compare: bool
             res.book_tokens_per_sec = tr.tokens_per_step() / res.book_step_time
             res.book_loss = book_loss
         return res
+
+
+# ------------------------------------------------------------------ optimizer
+@dataclass
+class OptimizerResult:
+    """AdamW step time on one preset's parameters: for-loop (torch's CPU default), foreach, fused."""
+
+    preset: str
+    n_params: int
+    step_ms: dict[str, float]
+
+    @property
+    def fused_speedup(self) -> float | None:
+        base, fused = self.step_ms.get("for-loop"), self.step_ms.get("fused")
+        return base / fused if base and fused else None
+
+
+def bench_optimizer(preset: str, vocab_size: int = 50257, steps: int = 5, device: str = "cpu",
+                    progress: Progress = _quiet) -> OptimizerResult:
+    """Median AdamW step of each implementation on the same parameters and gradients, interleaved."""
+    from .device import resolve_device
+    from .model import preset_config
+
+    dev = resolve_device(device)
+    model = GPT(preset_config(preset, vocab_size=vocab_size)).to(dev)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    kinds = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # as in training
+    opts = {k: torch.optim.AdamW([dict(g) for g in groups], lr=1e-4, betas=(0.9, 0.95), **kw)
+            for k, kw in kinds.items()}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    with torch.no_grad():
+        for i in range(steps + 1):
+            progress(f"{preset}: AdamW steps {i + 1}/{steps + 1}")
+            for k, opt in opts.items():
+                t0 = time.perf_counter()
+                opt.step()
+                _sync(dev)
+                if i:
+                    times[k].append(time.perf_counter() - t0)
+    return OptimizerResult(preset, model.num_params(), {k: statistics.median(v) * 1000 for k, v in times.items()})
 
 
 # ------------------------------------------------------------------ generation
@@ -508,7 +552,7 @@ def to_json(report: dict[str, Any]) -> str:
             return {k: conv(v) for k, v in o.items()}
         if hasattr(o, "__dataclass_fields__"):
             d = asdict(o)
-            for extra in ("ratio", "speedup", "mb_per_sec"):
+            for extra in ("ratio", "speedup", "mb_per_sec", "fused_speedup"):
                 if hasattr(type(o), extra):
                     d[extra] = getattr(o, extra)
             return d

@@ -243,3 +243,11 @@ def test_bench_compare_without_the_package_is_one_clear_line(corpus) -> None:
 def test_bench_rejects_bad_presets() -> None:
     r = run_cli("bench", "--presets", "tiny:2by16")
     assert r.returncode != 0 and "BATCHxCONTEXT" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_optimizer_bench_times_the_three_adamw_implementations() -> None:
+    from engine.bench import bench_optimizer
+
+    r = bench_optimizer("tiny", vocab_size=97, steps=2)
+    assert set(r.step_ms) == {"for-loop", "foreach", "fused"}
+    assert all(v > 0 for v in r.step_ms.values()) and r.fused_speedup > 0

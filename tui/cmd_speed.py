@@ -17,7 +17,7 @@ import typer
 
 from .common import fail, friendly_errors
 
-PARTS = ("peak", "train", "generate", "tokenize", "launch", "memory")
+PARTS = ("peak", "train", "optimizer", "generate", "tokenize", "launch", "memory")
 
 
 def parse_presets(spec: str) -> list[tuple[str, int | None, int | None]]:
@@ -135,6 +135,15 @@ def render(report: dict[str, Any]) -> None:
                 row += [f"{r.peak_memory_mb:,.0f} MB {r.memory_kind}" if r.peak_memory_mb else "-"]
             t.add_row(*row)
         con.print(t)
+    if report.get("optimizer"):
+        t = Table(title="AdamW step (same parameters and gradients)", title_justify="left")
+        for c in ("preset", "params", "for-loop (torch CPU default)", "foreach", "fused (ours)", "fused speed-up"):
+            t.add_column(c)
+        for o in report["optimizer"]:
+            ms = o.step_ms
+            t.add_row(o.preset, _fmt_si(o.n_params), *(f"{ms[k]:,.1f} ms" for k in ("for-loop", "foreach", "fused")),
+                      f"{o.fused_speedup:.1f}x" if o.fused_speedup else "-")
+        con.print(t)
     if report.get("generate"):
         t = Table(title="Generation (greedy, batch 1)", title_justify="left")
         for c in ("preset", "dtype", "prompt + new", "KV cache tok/s", "recompute tok/s", "speed-up"):
@@ -186,11 +195,13 @@ def register(app: typer.Typer) -> None:
         peak: float = typer.Option(None, "--peak-flops", help="The device's peak FLOP/s for MFU (e.g. 989e12), instead of the table or a measurement."),
         gen_tokens: int = typer.Option(64, "--gen-tokens", help="New tokens per generation measurement."),
         gen_presets: str = typer.Option("small", "--gen-presets", help="Presets whose generation speed is measured."),
+        opt_presets: str = typer.Option("small", "--opt-presets", help="Presets whose AdamW step is timed (for-loop, foreach, fused)."),
         memory: str = typer.Option("gpt2:2x256", "--memory", help="PRESET:BxT whose peak training memory is reported."),
         soak: int = typer.Option(0, "--soak", help="Also train tiny for N steps and report memory growth (0: off)."),
         only: str = typer.Option(None, "--only", help=f"Run only these parts: {', '.join(PARTS)}."),
         skip: str = typer.Option(None, "--skip", help="Skip these parts."),
         as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+        save: str = typer.Option(None, "--save", help="Also write the results as JSON to this file."),
     ) -> None:
         """Measure training, generation and tokenization speed on this machine."""
         import torch
@@ -225,6 +236,9 @@ def register(app: typer.Typer) -> None:
                                   steps=steps, warmup=warmup, compare=compare, progress=progress)
                     for p, b, t in chosen
                 ]
+            if "optimizer" in parts:
+                report["optimizer"] = [B.bench_optimizer(p, steps=steps, device=device, progress=progress)
+                                       for p, _, _ in parse_presets(opt_presets)]
             if "generate" in parts:
                 report["generate"] = [
                     B.bench_generate(B.bench_config(p, batch_size=b, context=t, **common), gen_tokens, progress=progress)
@@ -251,6 +265,9 @@ def register(app: typer.Typer) -> None:
                 progress(f"training tiny for {soak:,} steps (memory soak)")
                 cfg = B.bench_config("tiny", max_steps=soak, **common)
                 report["soak"] = B.memory_soak(cfg)
+        if save:
+            with open(save, "w", encoding="utf-8") as f:
+                f.write(B.to_json(report) + "\n")
         if as_json:
             print(B.to_json(report))
         else:
