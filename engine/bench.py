@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig
-from .device import memory_mb, peak_flops, store_measured_peak
+from .device import GPU_PEAK_FLOPS, memory_mb, peak_flops, store_measured_peak
 from .errors import GptTuiError
 from .events import NullSink, Recorder
 from .model import GPT
@@ -111,21 +111,23 @@ def measure_matmul_peak(device: torch.device, dtype: str, size: int = 2048, repe
 
 def device_peaks(device: torch.device, dtypes: Sequence[str], given: float | None = None,
                  size: int = 2048, store: bool = True) -> list[PeakResult]:
-    """The peaks MFU is measured against: given, the GPU table, or measured (CPU, MPS) and stored."""
+    """The peaks MFU is measured against: given, the GPU table, or measured with matmuls.
+
+    Given and measured peaks are stored (``store``), so the trainer and dashboard show MFU
+    against them; a GPU in the table keeps the table's figure.
+    """
     out = []
     for dt in dtypes:
+        known = peak_flops(device, dt) if device.type == "cuda" and not given else None
         if given:
-            out.append(PeakResult(str(device), dt, given, 0, "given"))
-            continue
-        if device.type == "cuda":
-            known = peak_flops(device, dt)
-            if known:
-                out.append(PeakResult(str(device), dt, known, 0, "table"))
-                continue
-        flops = measure_matmul_peak(device, dt, size)
-        if store and device.type != "cuda":
-            store_measured_peak(device.type, dt, flops)
-        out.append(PeakResult(str(device), dt, flops, size, "measured"))
+            res = PeakResult(str(device), dt, given, 0, "given")
+        elif known and any(k in torch.cuda.get_device_name(device) for k in GPU_PEAK_FLOPS):
+            res = PeakResult(str(device), dt, known, 0, "table")
+        else:
+            res = PeakResult(str(device), dt, measure_matmul_peak(device, dt, size), size, "measured")
+        if store and res.source != "table":
+            store_measured_peak(device.type, dt, res.flops)
+        out.append(res)
     return out
 
 

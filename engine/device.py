@@ -14,9 +14,11 @@ from .errors import GptTuiError
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) of common GPUs, by a substring of the device name.
 GPU_PEAK_FLOPS = {
     "H200": 989e12,
+    "H100 PCIe": 756e12,
     "H100": 989e12,
     "A100": 312e12,
     "L40S": 362e12,
+    "L40": 181e12,
     "L4": 121e12,
     "A10G": 125e12,
     "A10": 125e12,
@@ -111,7 +113,7 @@ def default_threads(with_ui: bool) -> int:
 
 
 def peak_flops(device: torch.device, dtype: str, override: float | None = None) -> float | None:
-    """The device's peak FLOP/s for MFU: given, known (GPU table), or measured earlier by `gpt-tui bench`."""
+    """The device's peak FLOP/s for MFU: given, known (GPU table), or measured (or given) earlier by `gpt-tui bench`."""
     if override:
         return override
     if device.type == "cuda":
@@ -119,7 +121,6 @@ def peak_flops(device: torch.device, dtype: str, override: float | None = None) 
         for k, v in GPU_PEAK_FLOPS.items():
             if k in name:
                 return v if dtype != "fp32" else v / 2  # TF32 runs at half the bf16 rate
-        return None
     return measured_peak(device.type, dtype)
 
 

@@ -193,8 +193,9 @@ def test_measured_peak_is_stored_for_mfu() -> None:
     (p,) = device_peaks(torch.device("cpu"), ["fp32"], size=128)
     assert p.source == "measured" and p.flops > 0
     assert measured_peak("cpu", "fp32") == p.flops
-    (g,) = device_peaks(torch.device("cpu"), ["bf16"], given=5e12)
+    (g,) = device_peaks(torch.device("cpu"), ["bf16"], given=5e12)  # --peak-flops: kept for training too
     assert g.flops == 5e12 and g.source == "given"
+    assert measured_peak("cpu", "bf16") == 5e12 and measured_peak("cpu", "fp32") == p.flops
 
 
 def test_bench_cli_json(corpus) -> None:
