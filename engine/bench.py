@@ -338,6 +338,46 @@ def bench_train(cfg: TrainConfig, steps: int = 3, warmup: int = 1, compare: bool
         return res
 
 
+# ------------------------------------------------------------------ threads
+@dataclass
+class ThreadsResult:
+    """Training tokens/sec of one preset at each torch thread count (steps interleaved)."""
+
+    preset: str
+    load_avg: float | None
+    tokens_per_sec: dict[int, float]
+
+    @property
+    def best(self) -> int:
+        return max(self.tokens_per_sec, key=lambda k: self.tokens_per_sec[k])
+
+
+def bench_threads(cfg: TrainConfig, counts: Sequence[int], steps: int = 3, warmup: int = 1,
+                  progress: Progress = _quiet) -> ThreadsResult:
+    """Median step at each thread count, the counts taking turns step by step (CPU only)."""
+    before = torch.get_num_threads()
+    times: dict[int, list[float]] = {n: [] for n in counts}
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except OSError:
+        load = None
+    try:
+        with bench_trainer(cfg) as tr:
+            for i in range(warmup + steps):
+                for n in counts:
+                    progress(f"{cfg.preset}: {n} thread(s), {'warm-up' if i < warmup else f'step {i - warmup + 1}/{steps}'}")
+                    torch.set_num_threads(n)
+                    t0 = time.perf_counter()
+                    tr.train_step()
+                    if i >= warmup:
+                        times[n].append(time.perf_counter() - t0)
+                tr.step += 1
+            per_step = tr.tokens_per_step()
+    finally:
+        torch.set_num_threads(before)
+    return ThreadsResult(cfg.preset, load, {n: per_step / statistics.median(v) for n, v in times.items()})
+
+
 # ------------------------------------------------------------------ optimizer
 @dataclass
 class OptimizerResult:
@@ -554,7 +594,7 @@ def to_json(report: dict[str, Any]) -> str:
             return {k: conv(v) for k, v in o.items()}
         if hasattr(o, "__dataclass_fields__"):
             d = asdict(o)
-            for extra in ("ratio", "speedup", "mb_per_sec", "fused_speedup"):
+            for extra in ("ratio", "speedup", "mb_per_sec", "fused_speedup", "best"):
                 if hasattr(type(o), extra):
                     d[extra] = getattr(o, extra)
             return d

@@ -252,3 +252,13 @@ def test_optimizer_bench_times_the_three_adamw_implementations() -> None:
     r = bench_optimizer("tiny", vocab_size=97, steps=2)
     assert set(r.step_ms) == {"for-loop", "foreach", "fused"}
     assert all(v > 0 for v in r.step_ms.values()) and r.fused_speedup > 0
+
+
+def test_threads_bench_trains_at_each_count_and_restores_the_setting(corpus, tmp_path) -> None:
+    from engine.bench import bench_threads
+
+    before = torch.get_num_threads()
+    r = bench_threads(tiny_config(corpus, tmp_path / "unused", threads=None), [1, 2], steps=1)
+    assert set(r.tokens_per_sec) == {1, 2} and all(v > 0 for v in r.tokens_per_sec.values())
+    assert r.best in (1, 2)
+    assert torch.get_num_threads() == before

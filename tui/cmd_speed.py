@@ -17,7 +17,7 @@ import typer
 
 from .common import fail, friendly_errors
 
-PARTS = ("peak", "train", "optimizer", "generate", "tokenize", "launch", "memory")
+PARTS = ("peak", "train", "threads", "optimizer", "generate", "tokenize", "launch", "memory")
 
 
 def parse_presets(spec: str) -> list[tuple[str, int | None, int | None]]:
@@ -135,6 +135,14 @@ def render(report: dict[str, Any]) -> None:
                 row += [f"{r.peak_memory_mb:,.0f} MB {r.memory_kind}" if r.peak_memory_mb else "-"]
             t.add_row(*row)
         con.print(t)
+    if report.get("threads"):
+        t = Table(title="Torch threads (training tokens/s, steps interleaved)", title_justify="left")
+        counts = sorted({n for r in report["threads"] for n in r.tokens_per_sec})
+        for c in ["preset", "load avg", *(f"{n} thread{'s' if n > 1 else ''}" for n in counts)]:
+            t.add_column(c)
+        for r in report["threads"]:
+            t.add_row(r.preset, f"{r.load_avg}", *(_fmt_rate(r.tokens_per_sec.get(n)) for n in counts))
+        con.print(t)
     if report.get("optimizer"):
         t = Table(title="AdamW step (same parameters and gradients)", title_justify="left")
         for c in ("preset", "params", "for-loop (torch CPU default)", "foreach", "fused (ours)", "fused speed-up"):
@@ -196,6 +204,7 @@ def register(app: typer.Typer) -> None:
         gen_tokens: int = typer.Option(64, "--gen-tokens", help="New tokens per generation measurement."),
         gen_presets: str = typer.Option("small", "--gen-presets", help="Presets whose generation speed is measured."),
         opt_presets: str = typer.Option("small", "--opt-presets", help="Presets whose AdamW step is timed (for-loop, foreach, fused)."),
+        thread_presets: str = typer.Option("tiny", "--thread-presets", help="Presets trained at 1, half and all CPU threads, side by side."),
         memory: str = typer.Option("gpt2:2x256", "--memory", help="PRESET:BxT whose peak training memory is reported."),
         soak: int = typer.Option(0, "--soak", help="Also train tiny for N steps and report memory growth (0: off)."),
         only: str = typer.Option(None, "--only", help=f"Run only these parts: {', '.join(PARTS)}."),
@@ -236,6 +245,11 @@ def register(app: typer.Typer) -> None:
                                   steps=steps, warmup=warmup, compare=compare, progress=progress)
                     for p, b, t in chosen
                 ]
+            if "threads" in parts and dev.type == "cpu":
+                counts = sorted({1, max(1, (os.cpu_count() or 2) // 2), os.cpu_count() or 1})
+                report["threads"] = [B.bench_threads(B.bench_config(p, batch_size=b, context=t, **common), counts,
+                                                     steps=steps, warmup=warmup, progress=progress)
+                                     for p, b, t in parse_presets(thread_presets)]
             if "optimizer" in parts:
                 report["optimizer"] = [B.bench_optimizer(p, steps=steps, device=device, progress=progress)
                                        for p, _, _ in parse_presets(opt_presets)]
