@@ -14,8 +14,8 @@ from engine.events import Recorder, StepEvent
 from engine.trainer import Trainer
 from tests.conftest import tiny_config
 from tui.app import DashboardApp, EngineThread
+from tui.sample_panel import SamplePanel
 from tui.widgets import (
-    GenerateScreen,
     HelpScreen,
     LossChart,
     LRChart,
@@ -25,7 +25,6 @@ from tui.widgets import (
     StatusLine,
     downsample,
     ema,
-    parse_settings,
     stats_rows,
 )
 
@@ -118,13 +117,14 @@ async def test_generate_streams_into_samples_pane(corpus: Path, tmp_path: Path, 
         engine.start()
         await until(pilot, lambda: trainer.step > 1, what="first steps")
         await pilot.press("g")
-        assert isinstance(app.screen, GenerateScreen)
-        assert app.focused is app.screen.query_one("#gen-prompt")
-        app.screen.query_one("#gen-max-tokens").value = "12"
+        assert isinstance(app.screen, SamplePanel), "g opens the sampling panel on the live weights"
+        assert app.focused is app.screen.query_one("#sp-prompt")
+        app.screen.query_one("#sp-max_new_tokens").value = "12"
         await pilot.press(*"It had", "enter")
-        assert isinstance(app.screen, GenerateScreen), "Enter generates; only Esc closes"
+        assert isinstance(app.screen, SamplePanel), "Enter generates; only Esc closes"
         step_before = trainer.step
         pane = app.query_one(SamplesPane)
+        await until(pilot, lambda: not app.screen.generating, what="generation done in the panel")
         await until(pilot, lambda: "chars" in pane.plain(), what="finished generation in the samples pane")
         entry = pane.plain()
         assert "generate #1" in entry and "It had" in entry and "12 chars" in entry
@@ -133,7 +133,7 @@ async def test_generate_streams_into_samples_pane(corpus: Path, tmp_path: Path, 
         await until(pilot, lambda: trainer.step > step_before, what="training goes on around the generation")
 
         await pilot.press("escape")
-        assert not isinstance(app.screen, GenerateScreen)
+        assert not isinstance(app.screen, SamplePanel)
         assert "It had" in pane.plain(), "prompt and output stay after the prompt closes"
 
         # while paused too
@@ -141,7 +141,9 @@ async def test_generate_streams_into_samples_pane(corpus: Path, tmp_path: Path, 
         await until(pilot, lambda: trainer.state == "paused", what="paused")
         paused_at = trainer.step
         await pilot.press("g")
-        await pilot.press("ctrl+a", "ctrl+k", *"what", "enter", "escape")
+        await pilot.press(*"what", "enter")
+        await until(pilot, lambda: not app.screen.generating, what="second generation done")
+        await pilot.press("escape")
         await until(pilot, lambda: "generate #2" in pane.plain() and pane.plain().count("chars") == 2,
                     what="second generation while paused")
         assert trainer.step == paused_at
@@ -155,10 +157,10 @@ async def test_generate_rejects_bad_settings(corpus: Path, tmp_path: Path, stop_
         engine.start()
         await until(pilot, lambda: trainer.step > 0, what="first step")
         await pilot.press("g")
-        app.screen.query_one("#gen-temperature").value = "hot"
+        app.screen.query_one("#sp-temperature").value = "hot"
         await pilot.press(*"It", "enter")
         await pilot.pause(0.2)
-        assert "temperature must be a number" in app.screen.query_one("#gen-hint").content.plain
+        assert "temperature" in app.screen.query_one("#sp-status").content.plain
         assert not app.generations
 
 
@@ -283,7 +285,7 @@ async def test_read_only_view_sends_no_commands(corpus: Path, tmp_path: Path, st
         await until(pilot, lambda: trainer.step > 1, what="first steps")
         await pilot.press("p", "c", "e", "g")
         await pilot.pause(0.3)
-        assert not trainer.paused and not isinstance(app.screen, GenerateScreen)
+        assert not trainer.paused and not isinstance(app.screen, SamplePanel)
         assert trainer._cmd.queue.empty()
         assert "read-only" in text_of(app, StatusLine)
 
@@ -304,15 +306,6 @@ def test_downsample_bounds_points_and_keeps_shape() -> None:
 def test_ema_skips_non_finite() -> None:
     out = ema([2.0, float("nan"), 2.0], 0.9)
     assert out == [pytest.approx(2.0)] * 3
-
-
-def test_parse_settings() -> None:
-    s = parse_settings("0", "0", "0.9", "5")
-    assert (s.temperature, s.top_k, s.top_p, s.max_new_tokens) == (0.0, None, 0.9, 5)
-    with pytest.raises(ValueError, match="top-p"):
-        parse_settings("1", "5", "2", "5")
-    with pytest.raises(ValueError, match="max tokens"):
-        parse_settings("1", "5", "1", "0")
 
 
 async def test_chart_draws_about_its_width_for_a_long_run() -> None:

@@ -29,11 +29,9 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer
 
 from engine.events import LogEvent, Recorder
-from engine.sampling import SampleSettings
 
 from .widgets import (
     DONE_STATES,
-    GenerateScreen,
     HelpScreen,
     LossChart,
     LRChart,
@@ -161,7 +159,6 @@ class DashboardApp(App[int]):
         self.forced = False
         self.note: tuple[str, str] = ("", "")
         self.generations: dict[int, tuple[str, int]] = {}  # request id -> (prompt, step)
-        self.gen_defaults: dict[str, str] = {}
         self.snap: dict[str, Any] | None = None
         self._version = -1
         self._chart_sig: Any = None
@@ -401,21 +398,9 @@ class DashboardApp(App[int]):
 
     def open_generate(self) -> None:
         """Open the generate prompt (the one place that chooses which screen does it)."""
-        self.push_screen(GenerateScreen(self.start_generation, self.controller.cancel_generation, self.gen_defaults))
+        from .sample_panel import LiveBackend, SamplePanel
 
-    def start_generation(self, prompt: str, settings: SampleSettings) -> int | None:
-        """Ask the engine for a generation; its tokens stream into the samples pane."""
-        try:
-            rid = self.controller.request_generate(prompt, settings)
-        except Exception as e:  # noqa: BLE001  (a remote controller may refuse)
-            self.notify(str(e), title="generate", severity="error")
-            return None
-        snap = self.snap or {}
-        last = snap.get("last_step")
-        step = last.step if last else 0
-        self.generations[rid] = (prompt, step)
-        self.query_one(SamplesPane).put(("gen", rid), generation_text(rid, step, prompt, "", None))
-        return rid
+        self.push_screen(SamplePanel(LiveBackend(self.controller, self.recorder), title="generate from the live weights"))
 
     def action_toggle_axis(self) -> None:
         self.axis = "tokens" if self.axis == "steps" else "steps"

@@ -10,20 +10,18 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widget import Widget
-from textual.widgets import Input, Static
+from textual.widgets import Static
 from textual_plotext import PlotextPlot
-
-from engine.sampling import SampleSettings
 
 from .headless import fmt_duration
 
@@ -470,80 +468,3 @@ class HelpScreen(ModalScreen[None]):
         self.dismiss(None)
 
 
-def parse_settings(temperature: str, top_k: str, top_p: str, max_tokens: str) -> SampleSettings:
-    """Sample settings from the generate form's fields; ValueError names the bad one."""
-
-    def num(name: str, raw: str, cast: Callable[[str], Any], lo: float, hi: float | None) -> Any:
-        try:
-            v = cast(raw.strip())
-        except ValueError:
-            raise ValueError(f"{name} must be a number, got {raw!r}") from None
-        if v < lo or (hi is not None and v > hi):
-            raise ValueError(f"{name} must be between {lo:g} and {hi:g}" if hi is not None else f"{name} must be {lo:g} or more")
-        return v
-
-    t = num("temperature", temperature or "0.8", float, 0.0, 10.0)
-    k = num("top-k", top_k or "0", int, 0, None)
-    p = num("top-p", top_p or "1", float, 0.0, 1.0)
-    n = num("max tokens", max_tokens or "100", int, 1, 100_000)
-    return SampleSettings(max_new_tokens=n, temperature=t, top_k=k or None, top_p=p if 0 < p < 1 else None)
-
-
-class GenerateScreen(ModalScreen[None]):
-    """A prompt box over the dashboard: Enter generates (output streams into the samples pane), Esc closes."""
-
-    BINDINGS = [
-        Binding("escape", "close", "close"),
-        Binding("ctrl+x", "cancel", "stop generating"),
-    ]
-
-    def __init__(self, on_submit: Callable[[str, SampleSettings], None], on_cancel: Callable[[], None],
-                 defaults: dict[str, str] | None = None) -> None:
-        super().__init__()
-        self.on_submit = on_submit
-        self.on_cancel = on_cancel
-        self.defaults = defaults if defaults is not None else {}
-
-    def compose(self) -> ComposeResult:
-        d = self.defaults
-        with Vertical(id="gen-box"):
-            prompt = Input(value=d.get("prompt", ""), placeholder="prompt, then Enter", id="gen-prompt")
-            prompt.border_title = "generate from the live weights"
-            yield prompt
-            with Horizontal(id="gen-settings"):
-                for key, title, default in (("temperature", "temperature", "0.8"), ("top_k", "top-k", "50"),
-                                            ("top_p", "top-p", "1.0"), ("max_tokens", "max tokens", "100")):
-                    box = Input(value=d.get(key, default), id=f"gen-{key.replace('_', '-')}")
-                    box.border_title = title
-                    yield box
-            yield Static("Enter generates · Esc closes · ctrl+x stops", id="gen-hint")
-
-    def on_mount(self) -> None:
-        self.query_one("#gen-prompt", Input).focus()
-
-    def fields(self) -> dict[str, str]:
-        return {k: self.query_one(f"#gen-{k.replace('_', '-')}", Input).value
-                for k in ("prompt", "temperature", "top_k", "top_p", "max_tokens")}
-
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        event.stop()
-        f = self.fields()
-        self.defaults.update(f)
-        hint = self.query_one("#gen-hint", Static)
-        if not f["prompt"].strip():
-            hint.update(Text("type a prompt first", style="bold red"))
-            return
-        try:
-            settings = parse_settings(f["temperature"], f["top_k"], f["top_p"], f["max_tokens"])
-        except ValueError as e:
-            hint.update(Text(str(e), style="bold red"))
-            return
-        hint.update(Text("generating into the samples pane · Enter again for another · Esc closes", style="green"))
-        self.on_submit(f["prompt"], settings)
-
-    def action_cancel(self) -> None:
-        self.on_cancel()
-        self.query_one("#gen-hint", Static).update(Text("stopped", style="yellow"))
-
-    def action_close(self) -> None:
-        self.dismiss(None)
