@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import GptTuiError
-from .model import PRESETS, ModelConfig, preset_config
+from .model import PRESETS, WEIGHT_INITS, ModelConfig, preset_config
 from .tokenizer import check_tokenizer_name
 
 
@@ -49,6 +49,11 @@ class TrainConfig:
     """Linear warm-up steps (default: 5% of the run)."""
     weight_decay: float = 0.1
     """AdamW weight decay, applied to matrices only."""
+    beta1: float = 0.9
+    """AdamW beta1 (decay of the gradient's running mean)."""
+    beta2: float = 0.95
+    """AdamW beta2 (decay of the squared gradient's running mean; nanoGPT's 0.95, the book and
+    PyTorch use 0.999)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 turns clipping off)."""
     dropout: float | None = None
@@ -63,6 +68,10 @@ class TrainConfig:
     """Override the preset's number of heads."""
     n_embd: int | None = None
     """Override the preset's width."""
+    weight_init: str = "gpt2"
+    """How a new model's weights are drawn: ``gpt2`` (normal with std 0.02, residual projections
+    scaled by 1/sqrt(2 * layers), as GPT-2 and nanoGPT) or ``torch`` (PyTorch's layer defaults:
+    embeddings N(0, 1), linear layers uniform in +-1/sqrt(fan_in), as the book's ``GPTModel``)."""
     eval_every: int = 100
     """Evaluate train and val loss every N steps (0: only at the end)."""
     eval_batches: int = 10
@@ -139,6 +148,12 @@ class TrainConfig:
                 raise GptTuiError(f"{flag} must not be negative, got {v}", f"give {flag} a value of 0 or more")
         if not 0.0 < self.val_ratio < 1.0:
             raise GptTuiError(f"--val-ratio must be between 0 and 1, got {self.val_ratio}", "use e.g. --val-ratio 0.1")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise GptTuiError(f"--{name} must be in [0, 1), got {v}", f"use e.g. --{name} {0.9 if name == 'beta1' else 0.95}")
+        if self.weight_init not in WEIGHT_INITS:
+            raise GptTuiError(f"unknown --weight-init {self.weight_init!r}", f"choose {' or '.join(WEIGHT_INITS)}")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise GptTuiError(f"unknown dtype {self.dtype!r}", "choose auto, fp32, bf16 or fp16")
         se = str(self.sample_every)

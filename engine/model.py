@@ -189,12 +189,23 @@ class KVCache:
         self._pending = 0
 
 
-class GPT(nn.Module):
-    """GPT-2 architecture (or the bigram baseline when ``cfg.arch == 'bigram'``)."""
+WEIGHT_INITS = ("gpt2", "torch")
+"""Ways to draw a new model's weights (see :class:`GPT`)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+
+class GPT(nn.Module):
+    """GPT-2 architecture (or the bigram baseline when ``cfg.arch == 'bigram'``).
+
+    ``weight_init="gpt2"`` draws weights as GPT-2 and nanoGPT do (std 0.02, residual projections
+    scaled by 1/sqrt(2 * n_layer)); ``"torch"`` keeps PyTorch's layer defaults, as the book's
+    ``GPTModel`` does (N(0, 1) embeddings, uniform linear weights).
+    """
+
+    def __init__(self, cfg: ModelConfig, weight_init: str = "gpt2") -> None:
         super().__init__()
         cfg.validate()
+        if weight_init not in WEIGHT_INITS:
+            raise GptTuiError(f"unknown weight init {weight_init!r}", f"choose {' or '.join(WEIGHT_INITS)}")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         if cfg.arch == "bigram":
@@ -210,6 +221,8 @@ class GPT(nn.Module):
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.head.weight = self.tok_emb.weight
+        if weight_init == "torch":
+            return  # PyTorch's layer defaults, as the book's GPTModel (embeddings N(0, 1))
         self.apply(self._init_weights)
         # GPT-2 scaled init of residual projections.
         for name, p in self.named_parameters():

@@ -321,7 +321,7 @@ class Trainer:
 
     def build_model(self, vocab_size: int) -> GPT:
         mcfg = self.cfg.model_config(vocab_size)
-        return GPT(mcfg)
+        return GPT(mcfg, weight_init=self.cfg.weight_init)
 
     def prepare_model(self, model: GPT, resume_ckpt: dict | None) -> GPT:
         """Hook between building the model and creating its optimizer (LoRA wraps layers here)."""
@@ -349,7 +349,9 @@ class Trainer:
             )
         self.model_ref = model.to(self.device)
         self.model = self._wrap_model(self.model_ref)
-        self.optimizer = self.model_ref.configure_optimizer(cfg.peak_lr(), cfg.weight_decay)
+        self.optimizer = self.model_ref.configure_optimizer(
+            cfg.peak_lr(), cfg.weight_decay, betas=(cfg.beta1, cfg.beta2)
+        )
         # fp16 needs a gradient scaler on CUDA; MPS runs autocast without one (fp32 is its default).
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == "fp16" and self.device.type == "cuda" else None
 

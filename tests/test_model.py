@@ -101,6 +101,23 @@ def test_weight_decay_only_on_matrices():
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() < 2 for p in no_decay["params"])
 
 
+def test_weight_init_styles():
+    cfg = tiny(vocab_size=2000, n_embd=64, context_length=512)
+    torch.manual_seed(0)
+    g = GPT(cfg)  # GPT-2 style: std 0.02, residual projections scaled down
+    assert abs(float(g.tok_emb.weight.detach().std()) - 0.02) < 0.002
+    assert abs(float(g.blocks[0].attn.qkv.weight.detach().std()) - 0.02) < 0.002
+    assert float(g.blocks[0].attn.proj.weight.detach().std()) < 0.012  # 0.02 / sqrt(2 * 2)
+    torch.manual_seed(0)
+    t = GPT(cfg, weight_init="torch")  # the book's GPTModel: PyTorch's defaults
+    assert abs(float(t.tok_emb.weight.detach().std()) - 1.0) < 0.05 and abs(float(t.pos_emb.weight.detach().std()) - 1.0) < 0.05
+    bound = 1 / 64**0.5
+    w = t.blocks[0].attn.qkv.weight.detach()
+    assert float(w.abs().max()) <= bound and float(w.std()) > 0.9 * bound / 3**0.5
+    with pytest.raises(GptTuiError, match="weight init"):
+        GPT(cfg, weight_init="xavier")
+
+
 def test_kv_cache_matches_full_forward():
     torch.manual_seed(0)
     m = GPT(tiny()).eval()

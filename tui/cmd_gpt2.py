@@ -14,7 +14,7 @@ from .common import fail, friendly_errors
 # train's flags that finetune does not take: the architecture and tokenizer come from --init,
 # and the data are records, not windows of a text.
 _NOT_FOR_FINETUNE = {"preset", "tokenizer", "context", "stride", "val_ratio", "qkv_bias", "tie_weights",
-                     "n_layer", "n_head", "n_embd", "prompt"}
+                     "n_layer", "n_head", "n_embd", "weight_init", "prompt"}
 
 # Defaults that differ from pretraining (LLMs-from-scratch chapter 7).
 FINETUNE_DEFAULTS = {"lr": 5e-5, "dropout": 0.0, "epochs": 2, "batch_size": 8, "eval_every": 5,
