@@ -256,8 +256,7 @@ def bench_trainer(cfg: TrainConfig) -> Iterator[Any]:
                 trainer.metrics.close()
 
 
-def book_model(trainer: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The book's GPTModel at the trainer's configuration, with its fp32 AdamW (ch05)."""
+def _import_book_model() -> Any:
     try:
         from llms_from_scratch.ch04 import GPTModel
     except ImportError:
@@ -265,12 +264,14 @@ def book_model(trainer: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
             "--compare needs the book's code, the package llms-from-scratch, which is not installed",
             "pip install --no-deps llms-from-scratch (its GPTModel needs only torch)",
         ) from None
-    mc = trainer.model_ref.cfg
-    torch.manual_seed(trainer.cfg.seed)
-    model = GPTModel({
-        "vocab_size": mc.vocab_size, "context_length": mc.context_length, "emb_dim": mc.n_embd,
-        "n_heads": mc.n_head, "n_layers": mc.n_layer, "drop_rate": mc.dropout, "qkv_bias": mc.qkv_bias,
-    }).to(trainer.device)
+    return GPTModel
+
+
+def book_model(book_cfg: dict[str, Any], seed: int, device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The book's GPTModel (``book_cfg`` in its ch04 keys), with its fp32 AdamW (ch05)."""
+    gpt_model = _import_book_model()
+    torch.manual_seed(seed)
+    model = gpt_model(book_cfg).to(device)
     model.train()
     # As the book's train_model_simple is called in ch05: AdamW(lr=0.0004, weight_decay=0.1).
     return model, torch.optim.AdamW(model.parameters(), lr=0.0004, weight_decay=0.1)
@@ -286,39 +287,100 @@ def book_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tenso
     return float(loss.detach())
 
 
+def _book_worker(conn: Any, book_cfg: dict[str, Any], seed: int, device: str, threads: int) -> None:
+    """Child process: trains the book's model on the batches it is sent, replying (seconds, loss)."""
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    model, opt = book_model(book_cfg, seed, device)
+    conn.send("ready")
+    while (msg := conn.recv()) is not None:
+        x, y = (t.to(dev) for t in msg)
+        t0 = time.perf_counter()
+        loss = book_step(model, opt, x, y)
+        _sync(dev)
+        conn.send((time.perf_counter() - t0, loss))
+
+
+class BookProcess:
+    """The book's GPTModel training in its own process, one step per :meth:`step` call.
+
+    A separate process runs the book's code as its users run it: this process's settings
+    (the allocator tuning of :func:`engine.device.keep_freed_memory`, the trainer's torch
+    flags) do not apply there. Steps still take turns with ours, so load slows both alike.
+    """
+
+    def __init__(self, trainer: Any) -> None:
+        import multiprocessing as mp
+
+        _import_book_model()  # a missing package is reported here, not in the child
+        mc = trainer.model_ref.cfg
+        book_cfg = {"vocab_size": mc.vocab_size, "context_length": mc.context_length, "emb_dim": mc.n_embd,
+                    "n_heads": mc.n_head, "n_layers": mc.n_layer, "drop_rate": mc.dropout, "qkv_bias": mc.qkv_bias}
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_book_worker, daemon=True, name="gpt-tui-bench-book", args=(
+            child, book_cfg, trainer.cfg.seed, str(trainer.device), torch.get_num_threads()))
+        self._proc.start()
+        child.close()
+        self._recv()
+
+    def _recv(self) -> Any:
+        try:
+            return self._conn.recv()
+        except EOFError:
+            self._proc.join(5)
+            raise GptTuiError(f"the book's model stopped (exit code {self._proc.exitcode}), out of memory?",
+                              "compare at a smaller --batch-size or --context") from None
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """Train one step on (x, y); returns its wall time in seconds and its loss."""
+        self._conn.send((x.cpu(), y.cpu()))
+        return self._recv()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, BrokenPipeError):
+            self._conn.send(None)
+        self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._conn.close()
+
+
 def bench_train(cfg: TrainConfig, steps: int = 3, warmup: int = 1, compare: bool = False,
                 progress: Progress = _quiet) -> TrainResult:
     """Median step time of ``steps`` training steps after ``warmup`` (and the book's, interleaved)."""
     with bench_trainer(cfg) as tr:
         name = cfg.preset
-        book = book_model(tr) if compare else None
+        book = BookProcess(tr) if compare else None
         device = tr.device
         ours: list[float] = []
         theirs: list[float] = []
         data_times: list[float] = []
         loss = book_loss = None
-        with PeakMemory(device) as mem:
-            for i in range(warmup + steps):
-                label = "warm-up" if i < warmup else f"step {i - warmup + 1}/{steps}"
-                progress(f"{name}: {label}")
-                t0 = time.perf_counter()
-                tr.micro_batch(tr.step, 0)
-                data_times.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                loss, _, _ = tr.train_step()
-                _sync(device)
-                dt = time.perf_counter() - t0
-                if i >= warmup:
-                    ours.append(dt)
-                if book is not None:
-                    progress(f"{name}: {label} (book's model)")
-                    x, y = tr.micro_batch(tr.step, 0)
+        try:
+            with PeakMemory(device) as mem:
+                for i in range(warmup + steps):
+                    label = "warm-up" if i < warmup else f"step {i - warmup + 1}/{steps}"
+                    progress(f"{name}: {label}")
                     t0 = time.perf_counter()
-                    book_loss = book_step(book[0], book[1], x, y)
+                    tr.micro_batch(tr.step, 0)
+                    data_times.append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    loss, _, _ = tr.train_step()
                     _sync(device)
+                    dt = time.perf_counter() - t0
                     if i >= warmup:
-                        theirs.append(time.perf_counter() - t0)
-                tr.step += 1
+                        ours.append(dt)
+                    if book is not None:
+                        progress(f"{name}: {label} (book's model)")
+                        x, y = tr.micro_batch(tr.step, 0)
+                        book_time, book_loss = book.step(x, y)
+                        if i >= warmup:
+                            theirs.append(book_time)
+                    tr.step += 1
+        finally:
+            if book is not None:
+                book.close()
         step_time = statistics.median(ours)
         tps = tr.tokens_per_step() / step_time
         fpt = tr.model_ref.flops_per_token(tr.context)
@@ -328,7 +390,7 @@ def bench_train(cfg: TrainConfig, steps: int = 3, warmup: int = 1, compare: bool
             vocab_size=tr.tokenizer.vocab_size, dtype=tr.dtype, device=str(device), threads=torch.get_num_threads(),
             n_params=tr.model_ref.num_params(), steps=steps, step_time=step_time, tokens_per_sec=tps,
             flops_per_token=fpt, mfu=fpt * tps / peak if peak else None,
-            peak_memory_mb=None if compare else mem.peak, memory_kind=mem.kind, loss=loss,
+            peak_memory_mb=mem.peak, memory_kind=mem.kind, loss=loss,
             data_time=statistics.median(data_times),
         )
         if theirs:

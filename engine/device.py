@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -92,6 +94,33 @@ def setup_device_flags(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory in the process for the next step (CPU training).
+
+    By default glibc serves allocations above 128 kB (a threshold that it moves up to 32 MB)
+    with a fresh ``mmap``, unmaps them on free and trims the heap's free top, so each step's
+    tensors (activations, the weights cast to bf16, the head's and the embedding's gradients)
+    are page-faulted in and zeroed by the kernel again. Here every block comes from the heap,
+    the heap keeps its free memory (up to 2 GB at its top), and all threads share one arena,
+    so the training thread reuses what the previous step freed. Measured on ``gpt2`` at
+    2 x 256 in a training thread, 20 steps, runs alternating: 1.26-1.30 s -> 1.06-1.10 s a
+    step, page faults 4.5 M -> 0.95 M, RSS 3.1 -> 3.5-3.8 GB (flat after the first steps).
+    Process-wide and only for glibc (Linux); ``GPT_TUI_MALLOC=default`` leaves the allocator
+    alone. Call it before starting threads. Returns whether it applied.
+    """
+    if os.environ.get("GPT_TUI_MALLOC") == "default" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+        return all(libc.mallopt(param, value) == 1 for param, value in settings)
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
 
 
 def default_threads(with_ui: bool) -> int:

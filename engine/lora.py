@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import CheckpointError, GptTuiError
-from .model import GPT, ModelConfig
+from .model import GPT, ModelConfig, describe_shape_mismatch
 
 LAYER_GROUPS: dict[str, tuple[str, ...]] = {
     "attn": ("attn.qkv", "attn.proj"),
@@ -146,16 +146,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def lora_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     """Differences between the model's adapters and a saved adapter state (empty when they fit)."""
-    own = lora_state_dict(model)
-    out = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-           for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing:
-        out.append(f"missing adapters: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-    if unexpected:
-        out.append(f"unexpected tensors: {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
-    return out
+    return describe_shape_mismatch(model, state, own=lora_state_dict(model), what=" adapters", limit=3)
 
 
 def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

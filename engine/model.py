@@ -404,17 +404,27 @@ class _NoGradCtx:
         pass
 
 
-def describe_shape_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
-    """Human-readable differences between a model's parameters and a state dict."""
-    own = model.state_dict()
-    out = []
-    for k, v in state.items():
-        if k in own and tuple(own[k].shape) != tuple(v.shape):
-            out.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
+def describe_shape_mismatch(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    own: dict[str, torch.Tensor] | None = None,
+    what: str = "",
+    limit: int = 5,
+) -> list[str]:
+    """Human-readable differences between a model's parameters and a state dict.
+
+    ``own`` narrows the comparison to some of the model's tensors (LoRA adapters), and ``what``
+    names them in the missing/unexpected lines.
+    """
+    own = model.state_dict() if own is None else own
+    out = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and tuple(own[k].shape) != tuple(v.shape)
+    ]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    if missing:
-        out.append(f"missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    if unexpected:
-        out.append(f"unexpected: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    for label, keys in ((f"missing{what}", missing), (f"unexpected{what}", unexpected)):
+        if keys:
+            out.append(f"{label}: {', '.join(keys[:limit])}{' ...' if len(keys) > limit else ''}")
     return out

@@ -30,6 +30,7 @@ from .data import TextData, build_char_tokenizer, load_tokens, resolve_sources, 
 from .device import (
     autocast_factory,
     default_threads,
+    keep_freed_memory,
     memory_mb,
     peak_flops,
     resolve_device,
@@ -89,6 +90,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, sink: Sink | None = None, with_ui: bool = False,
                  pause_on_divergence: bool | None = None) -> None:
         cfg.validate()
+        # Before the engine thread exists, so that it shares the main allocator arena.
+        keep_freed_memory()
         self.cfg = cfg
         self.user_sink = sink
         self.with_ui = with_ui

@@ -60,46 +60,28 @@ def register(app: typer.Typer) -> None:
     @friendly_errors
     def pause(run_dir: str = RUN_DIR, wait: float = WAIT) -> None:
         """Pause a running run at the end of its current step."""
-        from engine.control import ControlClient
-
-        st = ControlClient(run_dir).call("status")
-        if st["paused"]:
-            print(f"already paused at step {st['step']}")
-            return
-        rec = _command(run_dir, "pause", _is_state("paused", *_ENDED), wait)
-        print(_outcome(rec, "paused", "pause requested: the run pauses at the end of its current step"))
+        _set_paused(run_dir, True, wait)
 
     @app.command()
     @friendly_errors
     def resume(run_dir: str = RUN_DIR, wait: float = WAIT) -> None:
         """Resume a paused run."""
-        from engine.control import ControlClient
-
-        if not ControlClient(run_dir).call("status")["paused"]:
-            print("the run is not paused")
-            return
-        rec = _command(run_dir, "resume", _is_state("running", *_ENDED), wait)
-        print(_outcome(rec, "running", "resume requested"))
+        _set_paused(run_dir, False, wait)
 
     @app.command()
     @friendly_errors
     def checkpoint(run_dir: str = RUN_DIR, wait: float = WAIT) -> None:
         """Write a checkpoint of a running run now (at the end of its current step)."""
-        rec = _command(run_dir, "checkpoint", lambda r: r.get("type") == "checkpoint" or _ended(r), wait)
-        if rec is not None and rec.get("type") == "checkpoint":
-            print(f"checkpoint: {rec['path']}")
-        else:
-            print(_outcome(rec, "", "checkpoint requested: it is written at the end of the current step"))
+        _request(run_dir, "checkpoint", wait, lambda r: f"checkpoint: {r['path']}",
+                 "checkpoint requested: it is written at the end of the current step")
 
     @app.command(name="eval")
     @friendly_errors
     def eval_(run_dir: str = RUN_DIR, wait: float = WAIT) -> None:
         """Evaluate a running run's train and val loss now."""
-        rec = _command(run_dir, "eval", lambda r: r.get("type") == "eval" or _ended(r), wait)
-        if rec is not None and rec.get("type") == "eval":
-            print(f"eval step {rec['step']}: train loss {rec['train_loss']:.4f} | val loss {rec['val_loss']:.4f}")
-        else:
-            print(_outcome(rec, "", "eval requested"))
+        _request(run_dir, "eval", wait,
+                 lambda r: f"eval step {r['step']}: train loss {r['train_loss']:.4f} | val loss {r['val_loss']:.4f}",
+                 "eval requested")
 
     @app.command()
     @friendly_errors
@@ -123,6 +105,28 @@ def register(app: typer.Typer) -> None:
 
 
 _ENDED = ("finished", "stopped", "failed")
+
+
+def _set_paused(run_dir: str, paused: bool, wait: float) -> None:
+    """Pause or resume a run and print what it did."""
+    from engine.control import ControlClient
+
+    st = ControlClient(run_dir).call("status")
+    if st["paused"] == paused:
+        print(f"already paused at step {st['step']}" if paused else "the run is not paused")
+        return
+    if paused:
+        rec = _command(run_dir, "pause", _is_state("paused", *_ENDED), wait)
+        print(_outcome(rec, "paused", "pause requested: the run pauses at the end of its current step"))
+    else:
+        rec = _command(run_dir, "resume", _is_state("running", *_ENDED), wait)
+        print(_outcome(rec, "running", "resume requested"))
+
+
+def _request(run_dir: str, cmd: str, wait: float, report: Any, pending: str) -> None:
+    """Send ``cmd`` and print the event of the same type it produces (``report`` formats it)."""
+    rec = _command(run_dir, cmd, lambda r: r.get("type") == cmd or _ended(r), wait)
+    print(report(rec) if rec is not None and rec.get("type") == cmd else _outcome(rec, "", pending))
 
 
 def _ended(rec: dict[str, Any]) -> bool:
