@@ -160,3 +160,20 @@ def test_changed_or_missing_base_is_refused(lora_run: dict, tmp_path: Path) -> N
     finally:
         for p, b in saved.items():
             p.write_bytes(b)
+
+
+def test_adapters_of_another_rank_or_layer_set_are_named() -> None:
+    from engine.lora import load_lora_state
+
+    cfg = ModelConfig(vocab_size=40, context_length=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+    model, other_rank, attn_only = GPT(cfg), GPT(cfg), GPT(cfg)
+    apply_lora(model, 4, 8, "attn,mlp")
+    apply_lora(other_rank, 2, 8, "attn,mlp")
+    apply_lora(attn_only, 4, 8, "attn")
+    load_lora_state(model, lora_state_dict(model))  # its own adapters fit
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.attn\.qkv\.lora_a: checkpoint \(2, 16\) vs model \(4, 16\)"):
+        load_lora_state(model, lora_state_dict(other_rank))
+    with pytest.raises(CheckpointError, match=r"missing adapters: blocks\.0\.mlp"):
+        load_lora_state(model, lora_state_dict(attn_only))
+    with pytest.raises(CheckpointError, match=r"unexpected adapters: blocks\.0\.mlp"):
+        load_lora_state(attn_only, lora_state_dict(model))
