@@ -291,3 +291,19 @@ def test_freed_memory_is_reused_without_page_faults(malloc: str) -> None:
         assert applied == "True" and int(faults) < 30_000, r.stdout  # measured 7,000-18,000
     else:
         assert applied == "False" and int(faults) > 50_000, r.stdout  # measured 72,000-75,000
+
+
+def test_only_big_models_get_the_allocator_tuning(corpus, tmp_path) -> None:
+    from engine.config import TrainConfig
+    from engine.trainer import KEEP_MEMORY_FROM_PARAMS, Trainer, expected_params
+
+    assert expected_params(TrainConfig(preset="tiny")) < KEEP_MEMORY_FROM_PARAMS  # one arena slows it down
+    assert expected_params(TrainConfig(preset="small", tokenizer="char")) > KEEP_MEMORY_FROM_PARAMS
+    assert expected_params(TrainConfig(preset="gpt2")) > 120_000_000
+    assert expected_params(TrainConfig(init="gpt2-folder")) is None  # unknown until loaded: tuned
+    t = Trainer(tiny_config(corpus, tmp_path / "run", max_steps=1))
+    t.setup()
+    t.fit()
+    n = t.model_ref.num_params()
+    assert expected_params(TrainConfig(resume=str(tmp_path / "run"))) == n
+    assert expected_params(TrainConfig(resume=t.last_checkpoint)) == n
