@@ -4,8 +4,9 @@ Everything here returns plain dataclasses; the CLI draws the table. Training thr
 is measured with the real :class:`~engine.trainer.Trainer` at a preset's default flags
 (tokenizer, learning rate, dropout, dtype, threads, fused AdamW), so the numbers are what
 ``gpt-tui train`` does. The comparison trains the book's ``GPTModel`` (PyPI package
-``llms-from-scratch``) at the same configuration on the same batches, its steps
-interleaved with ours so that a busy machine slows both alike.
+``llms-from-scratch``) at the same configuration on the same batches, in a child process
+with Python's and glibc's defaults (as its users run it), its steps interleaved with ours so
+that a busy machine slows both alike.
 
 MFU is model FLOPs (``GPT.flops_per_token``) per second over the device's peak: on a CPU
 the peak is measured here with large matmuls in fp32 and bf16 and stored for the trainer
