@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -290,12 +291,13 @@ def book_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tenso
 
 def _book_worker(conn: Any, book_cfg: dict[str, Any], seed: int, device: str, threads: int) -> None:
     """Child process: trains the book's model on the batches it is sent, replying (seconds, loss)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the parent's; it closes this process
     torch.set_num_threads(threads)
     dev = torch.device(device)
     model, opt = book_model(book_cfg, seed, device)
     conn.send("ready")
     while (msg := conn.recv()) is not None:
-        x, y = (t.to(dev) for t in msg)
+        x, y = (torch.from_numpy(a).to(dev) for a in msg)
         t0 = time.perf_counter()
         loss = book_step(model, opt, x, y)
         _sync(dev)
@@ -325,17 +327,24 @@ class BookProcess:
         child.close()
         self._recv()
 
+    def _lost(self) -> GptTuiError:
+        self._proc.join(5)
+        return GptTuiError(f"the book's model process stopped (exit code {self._proc.exitcode}; "
+                           "a negative code is the signal that ended it, -9 often out of memory)",
+                           "compare at a smaller --batch-size or --context, or see the error above")
+
     def _recv(self) -> Any:
         try:
             return self._conn.recv()
-        except EOFError:
-            self._proc.join(5)
-            raise GptTuiError(f"the book's model stopped (exit code {self._proc.exitcode}), out of memory?",
-                              "compare at a smaller --batch-size or --context") from None
+        except (EOFError, OSError):
+            raise self._lost() from None
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         """Train one step on (x, y); returns its wall time in seconds and its loss."""
-        self._conn.send((x.cpu(), y.cpu()))
+        try:
+            self._conn.send((x.cpu().numpy(), y.cpu().numpy()))
+        except OSError:
+            raise self._lost() from None
         return self._recv()
 
     def close(self) -> None:

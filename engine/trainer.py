@@ -92,6 +92,13 @@ tokenizer (10.7 M) 0.61 -> 0.59 s, but ``tiny`` (0.4 M) 12-14 ms -> 19-20 ms, wh
 allocator arena costs more than the page faults it saves."""
 
 
+def _trains_on_cpu(cfg: TrainConfig) -> bool:
+    try:
+        return resolve_device(cfg.device).type == "cpu"
+    except GptTuiError:  # reported by setup()
+        return False
+
+
 def expected_params(cfg: TrainConfig) -> int | None:
     """About how many parameters the run's model will have, before it is built (None: unknown)."""
     if cfg.resume:
@@ -117,7 +124,7 @@ class Trainer:
                  pause_on_divergence: bool | None = None) -> None:
         cfg.validate()
         n_params = expected_params(cfg)
-        if n_params is None or n_params >= KEEP_MEMORY_FROM_PARAMS:
+        if _trains_on_cpu(cfg) and (n_params is None or n_params >= KEEP_MEMORY_FROM_PARAMS):
             # Before the engine thread exists, so that it shares the main allocator arena.
             keep_freed_memory()
         self.cfg = cfg
