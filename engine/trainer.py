@@ -10,7 +10,6 @@ serves commands (checkpoint, eval, generate, stop).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import queue
@@ -101,15 +100,13 @@ def _trains_on_cpu(cfg: TrainConfig) -> bool:
 
 def expected_params(cfg: TrainConfig) -> int | None:
     """About how many parameters the run's model will have, before it is built (None: unknown)."""
-    if cfg.resume:
-        run = cfg.resume if os.path.isdir(cfg.resume) else os.path.dirname(os.path.dirname(os.path.abspath(cfg.resume)))
+    source = cfg.resume or cfg.init
+    if source:  # a gpt-tui run or checkpoint says in its meta.json; a GPT-2 folder is not known
         try:
-            with open(os.path.join(run, "config.json"), encoding="utf-8") as f:
-                return int(json.load(f)["n_params"])
-        except (OSError, ValueError, KeyError, TypeError):
+            meta = ck.read_meta(ck.resolve_checkpoint(source))
+        except GptTuiError:
             return None
-    if cfg.init:
-        return None
+        return int(meta["n_params"]) if meta and "n_params" in meta else None
     preset = PRESETS[cfg.preset]
     layers, width = cfg.n_layer or preset["n_layer"], cfg.n_embd or preset["n_embd"]
     vocab = 50257 if cfg.effective_tokenizer() == "gpt2" else 256
