@@ -19,6 +19,8 @@ class TrainConfig:
     data: list[str] = field(default_factory=list)
     """Files, folders or named corpora (``python-docs``, ``the-verdict``, ``tinyshakespeare``).
     Empty: the embedded default corpus."""
+    text_field: str = "text"
+    """Field holding each document's text in .jsonl/.jsonl.gz records and parquet shards."""
     preset: str = "tiny"
     """Model size: bigram, tiny, small, gpt2, gpt2-medium, gpt2-large, gpt2-xl."""
     tokenizer: str = "auto"
@@ -225,5 +227,5 @@ def load_toml(path: str) -> dict[str, Any]:
 SAFE_ON_RESUME = {
     "epochs", "max_steps", "eval_every", "eval_batches", "sample_every", "prompt", "sample_tokens",
     "checkpoint_every", "keep_last", "device", "threads", "out", "resume", "spike_factor",
-    "max_bad_steps", "compile", "lr", "min_lr", "grad_clip", "data", "fsdp", "test_responses",
+    "max_bad_steps", "compile", "lr", "min_lr", "grad_clip", "data", "text_field", "fsdp", "test_responses",
 }

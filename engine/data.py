@@ -1,8 +1,9 @@
-"""Text data: files, folders or named corpora, tokenized once into a memory-mapped cache.
+"""Training data: files, folders, globs or named corpora, tokenized once into a memory-mapped cache.
 
-A corpus is read in chunks, tokenized and appended to a ``.bin`` token file (uint16 when
+Text files, JSON Lines (``.jsonl``, ``.jsonl.gz``) and parquet shards (see
+:mod:`engine.corpora`) are tokenized in parallel into a ``.bin`` token file (uint16 when
 the vocabulary fits, else uint32) under the cache directory, keyed by the files' paths,
-sizes and modification times and by the tokenizer. Training reads context-length windows
+sizes and modification times, the text field and the tokenizer. Training reads context-length windows
 straight from the memory map, so a 1 GB corpus never sits in RAM as Python lists.
 
 Windows follow LLMs-from-scratch: input ``ids[i:i+ctx]``, target ``ids[i+1:i+ctx+1]``
@@ -13,50 +14,99 @@ rebuilt exactly on resume.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import multiprocessing
 import os
+import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .corpora import Encoder, Unit, file_kind, unit_documents, units_of, worker_init, worker_run
 from .corpus import DEFAULT_CORPUS, NAMED, cache_dir, fetch
 from .errors import DataError
-from .tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer
+from .tokenizer import CharTokenizer, Tokenizer
 
-TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ".tex", ".csv", ".json", ".jsonl", ".py", ".html", ".xml"}
+TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ".tex", ".csv", ".py", ".html", ".xml"}
+RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".parquet")
 CHUNK_BYTES = 4 << 20
+CACHE_VERSION = "2"
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
+@dataclass
+class PrepareStats:
+    """Where a tokenization stands: what the progress bar of ``gpt-tui prepare`` shows."""
+
+    done_bytes: int
+    total_bytes: int
+    documents: int
+    tokens: int
+    elapsed: float
+    reused_bytes: int = 0
+
+
+Stats = Callable[[PrepareStats], None]
+
+
+def _is_data_file(name: str) -> bool:
+    low = name.lower()
+    return os.path.splitext(low)[1] in TEXT_SUFFIXES or low.endswith(RECORD_SUFFIXES)
+
+
+def _walk(folder: str) -> list[str]:
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for n in sorted(names):
+            if not n.startswith(".") and _is_data_file(n):
+                found.append(os.path.join(root, n))
+    return found
+
+
+def _expand(entry: str) -> list[str]:
+    if entry in NAMED and not os.path.exists(entry):
+        return [fetch(entry)]
+    if not os.path.exists(entry) and glob.has_magic(entry):
+        hits = sorted(h for h in glob.glob(entry, recursive=True) if os.path.isfile(h) and _is_data_file(h))
+        if not hits:
+            raise DataError(f"no data files match {entry}", "check the pattern (quote it so the shell does not expand it)")
+        return hits
+    if not os.path.exists(entry):
+        raise DataError(f"data path {entry} does not exist", f"check the path, or use a named corpus ({', '.join(NAMED)})")
+    if os.path.isdir(entry):
+        found = _walk(entry)
+        if not found:
+            raise DataError(f"folder {entry} holds no text files (nor .jsonl, .jsonl.gz or .parquet shards)",
+                            f"put text, .jsonl(.gz) or .parquet files in it (text suffixes: {' '.join(sorted(TEXT_SUFFIXES))})")
+        return found
+    if entry.lower().endswith(".json"):
+        raise DataError(
+            f"{entry} is a .json file, which train does not read as text",
+            "give JSON Lines (.jsonl, one object per line with a text field), rename it to .txt to train on it "
+            "as raw text, or finetune on an instruction dataset with `gpt-tui finetune --data FILE.json`",
+        )
+    return [entry]
+
+
 def resolve_sources(data: list[str]) -> list[str]:
-    """Expand ``--data`` entries into a sorted list of readable, non-empty text files."""
+    """Expand ``--data`` entries (files, folders, globs, named corpora) into a list of readable data files."""
     if not data:
         data = [DEFAULT_CORPUS]
     files: list[str] = []
     for entry in data:
-        if entry in NAMED and not os.path.exists(entry):
-            files.append(fetch(entry))
-            continue
-        if not os.path.exists(entry):
-            raise DataError(f"data path {entry} does not exist", f"check the path, or use a named corpus ({', '.join(NAMED)})")
-        if os.path.isdir(entry):
-            found = []
-            for root, dirs, names in os.walk(entry):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for n in sorted(names):
-                    if not n.startswith(".") and os.path.splitext(n)[1].lower() in TEXT_SUFFIXES:
-                        found.append(os.path.join(root, n))
-            if not found:
-                raise DataError(f"folder {entry} holds no text files", f"put .txt files in it (suffixes: {' '.join(sorted(TEXT_SUFFIXES))})")
-            files.extend(found)
-        else:
-            files.append(entry)
+        files.extend(_expand(entry))
     for f in files:
-        _check_text_file(f)
+        if file_kind(f) == "text":
+            _check_text_file(f)
+        elif os.path.getsize(f) == 0:
+            raise DataError(f"data file {f} is empty", "give a file with records in it")
     return files
 
 
@@ -81,106 +131,189 @@ def _check_text_file(path: str) -> None:
             ) from None
 
 
-def _iter_text(path: str) -> Iterator[tuple[str, int]]:
-    """Yield (text chunk, bytes read) of a UTF-8 file, cut at line boundaries."""
-    with open(path, "rb") as f:
-        rest = b""
-        offset = 0
-        while True:
-            block = f.read(CHUNK_BYTES)
-            if not block:
-                break
-            block = rest + block
-            cut = block.rfind(b"\n")
-            if cut < 0 or len(block) < CHUNK_BYTES // 2:
-                cut = len(block) - 1
-            piece, rest = block[: cut + 1], block[cut + 1 :]
-            try:
-                text = piece.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    f"data file {path} is not UTF-8 text (bad byte near offset {offset + e.start})",
-                    "convert it, e.g. iconv -f latin1 -t utf-8",
-                ) from None
-            offset += len(piece)
-            yield text, len(piece)
-        if rest:
-            try:
-                yield rest.decode("utf-8"), len(rest)
-            except UnicodeDecodeError:
-                raise DataError(f"data file {path} is not UTF-8 text (it ends mid-character)", "convert it to UTF-8") from None
-
-
-def build_char_tokenizer(files: list[str]) -> CharTokenizer:
+def build_char_tokenizer(files: list[str], text_field: str = "text") -> CharTokenizer:
+    """One id per character of the corpus; a newline too when documents need a separator."""
     chars: set[str] = set()
     for f in files:
-        for text, _ in _iter_text(f):
-            chars.update(text)
+        for u in units_of(f, text_field):
+            for doc in unit_documents(u, text_field):
+                chars.update(doc)
+    if len(files) > 1 or any(file_kind(f) != "text" for f in files):
+        chars.add("\n")  # documents are separated by a blank line
+    if not chars:
+        raise DataError("the corpus holds no text", "give files with text in them")
     return CharTokenizer(chars)
 
 
-def _cache_key(files: list[str], tok: Tokenizer) -> str:
+def _file_key(f: str, tok: Tokenizer, text_field: str) -> str:
+    st = os.stat(f)
+    field = text_field if file_kind(f) != "text" else ""
+    return f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}|{field}|{tok.fingerprint()}|v{CACHE_VERSION}"
+
+
+def _cache_key(files: list[str], tok: Tokenizer, text_field: str = "text") -> str:
     h = hashlib.sha256()
     for f in files:
-        st = os.stat(f)
-        h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    h.update(tok.fingerprint().encode())
+        h.update((_file_key(f, tok, text_field) + "\n").encode())
     return h.hexdigest()[:24]
 
 
-def tokenize_to_cache(files: list[str], tok: Tokenizer, progress: Progress | None = None) -> str:
-    """Tokenize files (separated by end-of-text where the tokenizer has one) into a cached token file."""
-    key = _cache_key(files, tok)
-    d = os.path.join(cache_dir(), "tokens")
-    os.makedirs(d, exist_ok=True)
-    path = os.path.join(d, f"{key}.bin")
+def token_cache_path(files: list[str], tok: Tokenizer, text_field: str = "text") -> str:
+    """Where the token file of these files and this tokenizer lives (it may not exist yet)."""
+    return os.path.join(cache_dir(), "tokens", f"{_cache_key(files, tok, text_field)}.bin")
+
+
+def _write_meta(path: str, meta: dict) -> None:
+    tmp = path + f".tmp{os.getpid()}"
+    with open(tmp, "w") as m:
+        json.dump(meta, m)
+    os.replace(tmp, path)
+
+
+def tokenize_to_cache(files: list[str], tok: Tokenizer, progress: Progress | None = None, *,
+                      text_field: str = "text", stats: Stats | None = None, workers: int | None = None) -> str:
+    """Tokenize files into the cached, memory-mapped token file that training reads; its path.
+
+    Work is spread over ``workers`` processes (default: all cores). Each file is first
+    tokenized into a part written atomically under ``tokens/parts/``; a failed run keeps
+    the finished parts and a re-run reuses them. The parts are then joined (documents and
+    files separated by end-of-text) into the cache file and removed.
+    """
+    path = token_cache_path(files, tok, text_field)
     meta_path = path + ".json"
     if os.path.exists(path) and os.path.exists(meta_path):
         return path
-    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
-    total = sum(os.path.getsize(f) for f in files)
-    done = 0
-    n = 0
-    tmp = path + f".tmp{os.getpid()}"
-    lut = None
-    if isinstance(tok, CharTokenizer):
-        lut = {ord(c): i for c, i in tok.stoi.items()}
-    try:
-        with open(tmp, "wb") as out:
-            for i, f in enumerate(files):
-                if i and tok.eot_id is not None:
-                    np.array([tok.eot_id], dtype=dtype).tofile(out)
-                    n += 1
-                for text, nbytes in _iter_text(f):
-                    if lut is not None:
-                        cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-                        uniq, inv = np.unique(cps, return_inverse=True)
-                        try:
-                            mapped = np.array([lut[int(u)] for u in uniq], dtype=dtype)
-                        except KeyError as e:
-                            raise DataError(
-                                f"character {chr(int(e.args[0]))!r} is not in the char vocabulary",
-                                "build the vocabulary from this corpus (start a new run)",
-                            ) from None
-                        arr = mapped[inv]
-                    else:
-                        ids = tok.enc.encode_ordinary(text) if isinstance(tok, GPT2Tokenizer) else tok.encode(text)
-                        arr = np.asarray(ids, dtype=dtype)
-                    arr.tofile(out)
-                    n += arr.size
-                    done += nbytes
-                    if progress:
-                        progress(done, total)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    with open(meta_path, "w") as m:
-        json.dump({"files": [os.path.abspath(f) for f in files], "tokens": n, "dtype": np.dtype(dtype).name,
-                   "tokenizer": tok.spec().get("type")}, m)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    job = _Job(files, tok, text_field, progress, stats)
+    parts = job.run(workers or os.cpu_count() or 1)
+    n, docs = _join_parts(parts, path, job.enc)
+    _write_meta(meta_path, {"files": [os.path.abspath(f) for f in files], "tokens": n, "documents": docs,
+                            "dtype": np.dtype(job.enc.dtype).name, "tokenizer": tok.spec().get("type"),
+                            "text_field": text_field})
     return path
+
+
+def _join_parts(parts: list[str], path: str, enc: Encoder) -> tuple[int, int]:
+    metas = []
+    for p in parts:
+        with open(p + ".json") as m:
+            metas.append(json.load(m))
+    n = sum(m["tokens"] for m in metas) + enc.sep.size * (len(parts) - 1)
+    docs = sum(m["documents"] for m in metas)
+    if len(parts) == 1:
+        os.replace(parts[0], path)
+    else:
+        tmp = path + f".tmp{os.getpid()}"
+        try:
+            with open(tmp, "wb") as out:
+                for i, p in enumerate(parts):
+                    if i:
+                        enc.sep.tofile(out)
+                    with open(p, "rb") as src:
+                        shutil.copyfileobj(src, out, 16 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    for p in parts:
+        for q in (p, p + ".json"):
+            if os.path.exists(q):
+                os.unlink(q)
+    return n, docs
+
+
+class _Job:
+    """One tokenization: which files still need a part, the workers, the writing of parts."""
+
+    def __init__(self, files: list[str], tok: Tokenizer, text_field: str,
+                 progress: Progress | None, stats: Stats | None) -> None:
+        self.tok, self.text_field, self.progress, self.stats = tok, text_field, progress, stats
+        self.enc = Encoder(tok)
+        d = os.path.join(cache_dir(), "tokens", "parts")
+        os.makedirs(d, exist_ok=True)
+        self.parts = [os.path.join(d, hashlib.sha256(_file_key(f, tok, text_field).encode()).hexdigest()[:24] + ".bin")
+                      for f in files]
+        self.total = sum(os.path.getsize(f) for f in files)
+        self.done = self.docs = self.tokens = 0
+        self.reused = 0
+        self.units: list[Unit] = []
+        self.last_unit: dict[str, int] = {}
+        self.part_of: dict[str, str] = {}
+        for f, part in zip(files, self.parts, strict=True):
+            if os.path.exists(part) and os.path.exists(part + ".json"):
+                self.reused += os.path.getsize(f)
+                continue
+            us = units_of(f, text_field)
+            self.last_unit[f] = len(self.units) + len(us) - 1
+            self.part_of[f] = part
+            self.units.extend(us)
+        self.done = self.reused
+        self.t0 = time.perf_counter()
+        self.shown = 0.0
+
+    def run(self, workers: int) -> list[str]:
+        workers = max(1, min(workers, len(self.units)))
+        if not self.units:
+            self._report(force=True)
+            return self.parts
+        if workers == 1:
+            worker_init(self.tok.spec(), self.text_field)
+            results = map(worker_run, self.units)
+            self._consume(results)
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(workers, initializer=worker_init, initargs=(self.tok.spec(), self.text_field)) as pool:
+                self._consume(pool.imap(worker_run, self.units, chunksize=1))
+        return self.parts
+
+    def _consume(self, results) -> None:
+        out = None
+        tmp = ""
+        n = docs = 0
+        try:
+            for i, (u, ids, ndocs, err) in enumerate(results):
+                if err is not None:
+                    raise DataError(*err)
+                if u.first:
+                    tmp = self.part_of[u.path] + f".tmp{os.getpid()}"
+                    out = open(tmp, "wb")  # noqa: SIM115 - closed below, across units
+                    n = docs = 0
+                assert out is not None
+                if u.docs and not u.first and ndocs and self.enc.sep.size:
+                    self.enc.sep.tofile(out)
+                    n += self.enc.sep.size
+                ids.tofile(out)
+                n += ids.size
+                docs += ndocs if u.docs else int(u.first)
+                self.done += u.nbytes
+                self.tokens += ids.size
+                self.docs += ndocs if u.docs else int(u.first)
+                if i == self.last_unit[u.path]:
+                    out.flush()
+                    os.fsync(out.fileno())
+                    out.close()
+                    out = None
+                    part = self.part_of[u.path]
+                    os.replace(tmp, part)
+                    _write_meta(part + ".json", {"tokens": n, "documents": docs})
+                self._report(force=i == len(self.units) - 1)
+        finally:
+            if out is not None:
+                out.close()
+            if tmp and os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _report(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self.shown < 0.2:
+            return
+        self.shown = now
+        if self.progress:
+            self.progress(self.done, self.total)
+        if self.stats:
+            self.stats(PrepareStats(self.done, self.total, self.docs, self.tokens, now - self.t0, self.reused))
 
 
 def load_tokens(path: str) -> np.ndarray:

@@ -337,11 +337,11 @@ class Trainer:
             if cfg.context is None:  # default: the init model's own context
                 cfg.context = init_context_length(cfg.init)
         elif cfg.effective_tokenizer() == "char":
-            tok = build_char_tokenizer(files)
+            tok = build_char_tokenizer(files, cfg.text_field)
         else:
             tok = GPT2Tokenizer()
         self.tokenizer: Tokenizer = tok
-        tokens = load_tokens(tokenize_to_cache(files, tok, self.progress))
+        tokens = load_tokens(tokenize_to_cache(files, tok, self.progress, text_field=cfg.text_field))
         self.context = cfg.effective_context()
         stride = cfg.stride or self.context
         self.data = TextData(tokens, self.context, stride, cfg.val_ratio, cfg.seed)

@@ -50,7 +50,8 @@ def _o(default: Any, *names: str, help: str) -> Any:  # noqa: A002
 @app.command()
 @friendly_errors
 def train(
-    data: list[str] = _o(None, "--data", "-d", help="Text file, folder or named corpus (python-docs, the-verdict, tinyshakespeare); repeatable. Default: the embedded python-docs corpus."),
+    data: list[str] = _o(None, "--data", "-d", help="Text, .jsonl(.gz) or .parquet file, folder, glob, or named corpus (python-docs, the-verdict, tinyshakespeare); repeatable. Default: the embedded python-docs corpus."),
+    text_field: str = _o(None, "--text-field", help="Field of the text in .jsonl/.parquet records (default text)."),
     preset: str = _o(None, "--preset", help="bigram, tiny (default), small, gpt2, gpt2-medium, gpt2-large, gpt2-xl."),
     tokenizer: str = _o(None, "--tokenizer", help="gpt2 (default) or char."),
     context: int = _o(None, "--context", help="Tokens per window (default: the preset's)."),
@@ -220,9 +221,9 @@ def generate(
 
 
 # Commands that live in their own modules.
-from . import cmd_dist, cmd_gpt2, cmd_sample, cmd_speed  # noqa: E402
+from . import cmd_dist, cmd_gpt2, cmd_prepare, cmd_sample, cmd_speed  # noqa: E402
 
-for _m in (cmd_gpt2, cmd_sample, cmd_speed, cmd_dist):
+for _m in (cmd_gpt2, cmd_sample, cmd_speed, cmd_dist, cmd_prepare):
     _m.register(app)
 
 
