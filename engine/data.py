@@ -23,14 +23,17 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from .corpora import Encoder, Unit, file_kind, unit_documents, units_of, worker_init, worker_run
+from .corpora import UNIT_BYTES, Encoder, Unit, file_kind, unit_documents, units_of, worker_init, worker_run
 from .corpus import DEFAULT_CORPUS, NAMED, cache_dir, fetch
 from .errors import DataError
 from .tokenizer import CharTokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ".tex", ".csv", ".py", ".html", ".xml"}
 RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".parquet")
@@ -184,8 +187,9 @@ def tokenize_to_cache(files: list[str], tok: Tokenizer, progress: Progress | Non
     if os.path.exists(path) and os.path.exists(meta_path):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    job = _Job(files, tok, text_field, progress, stats)
-    parts = job.run(workers or os.cpu_count() or 1)
+    workers = workers or os.cpu_count() or 1
+    job = _Job(files, tok, text_field, progress, stats, workers)
+    parts = job.run(workers)
     n, docs = _join_parts(parts, path, job.enc)
     _write_meta(meta_path, {"files": [os.path.abspath(f) for f in files], "tokens": n, "documents": docs,
                             "dtype": np.dtype(job.enc.dtype).name, "tokenizer": tok.spec().get("type"),
@@ -228,7 +232,7 @@ class _Job:
     """One tokenization: which files still need a part, the workers, the writing of parts."""
 
     def __init__(self, files: list[str], tok: Tokenizer, text_field: str,
-                 progress: Progress | None, stats: Stats | None) -> None:
+                 progress: Progress | None, stats: Stats | None, workers: int = 1) -> None:
         self.tok, self.text_field, self.progress, self.stats = tok, text_field, progress, stats
         self.enc = Encoder(tok)
         d = os.path.join(cache_dir(), "tokens", "parts")
@@ -236,6 +240,8 @@ class _Job:
         self.parts = [os.path.join(d, hashlib.sha256(_file_key(f, tok, text_field).encode()).hexdigest()[:24] + ".bin")
                       for f in files]
         self.total = sum(os.path.getsize(f) for f in files)
+        # Units small enough that the workers finish together, large enough to cost nothing to hand out.
+        unit_bytes = min(UNIT_BYTES, max(1 << 20, self.total // (8 * workers)))
         self.done = self.docs = self.tokens = 0
         self.reused = 0
         self.units: list[Unit] = []
@@ -245,7 +251,7 @@ class _Job:
             if os.path.exists(part) and os.path.exists(part + ".json"):
                 self.reused += os.path.getsize(f)
                 continue
-            us = units_of(f, text_field)
+            us = units_of(f, text_field, unit_bytes)
             self.last_unit[f] = len(self.units) + len(us) - 1
             self.part_of[f] = part
             self.units.extend(us)
@@ -340,6 +346,8 @@ class Split:
     def batch(self, window_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         starts = window_ids.astype(np.int64) * self.stride
         idx = starts[:, None] + np.arange(self.context + 1, dtype=np.int64)[None, :]
+        import torch  # here, so that tokenizing (gpt-tui prepare) never loads torch
+
         chunk = torch.from_numpy(np.asarray(self.tokens[idx], dtype=np.int64))
         return chunk[:, :-1], chunk[:, 1:]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterable
 from functools import lru_cache
 
@@ -30,19 +31,77 @@ def _gpt2_files() -> tuple[str, str]:
     return os.path.join(d, "vocab.bpe"), os.path.join(d, "encoder.json")
 
 
+_RANKS_MAGIC = b"gpt-tui-ranks-1\n"
+
+
+def _ranks_path() -> str:
+    from .corpus import cache_dir
+
+    return os.path.join(cache_dir(), f"gpt2-ranks-{_VOCAB_BPE_SHA[:12]}-{_ENCODER_JSON_SHA[:12]}.bin")
+
+
+def _cached_ranks() -> dict[bytes, int] | None:
+    """The merge ranks from the cache's compact copy (parsing the packaged files takes over a second)."""
+    try:
+        with open(_ranks_path(), "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    head = len(_RANKS_MAGIC)
+    if raw[:head] != _RANKS_MAGIC or len(raw) < head + 40:
+        return None
+    n = int.from_bytes(raw[head : head + 4], "little")
+    digest = raw[head + 4 : head + 36]
+    body = raw[head + 36 :]
+    if hashlib.sha256(body).digest() != digest or len(body) < 2 * n:
+        return None
+    lengths = memoryview(body)[: 2 * n].cast("H")
+    blob = body[2 * n :]
+    ranks: dict[bytes, int] = {}
+    pos = 0
+    for i, ln in enumerate(lengths):
+        ranks[blob[pos : pos + ln]] = i
+        pos += ln
+    return ranks if pos == len(blob) else None
+
+
+def _save_ranks(ranks: dict[bytes, int]) -> None:
+    order = sorted(ranks, key=ranks.__getitem__)
+    if [ranks[b] for b in order] != list(range(len(order))) or any(len(b) > 65535 for b in order):
+        return
+    import array
+
+    lengths = array.array("H", (len(b) for b in order))
+    if sys.byteorder != "little":  # pragma: no cover
+        lengths.byteswap()
+    body = lengths.tobytes() + b"".join(order)
+    data = _RANKS_MAGIC + len(order).to_bytes(4, "little") + hashlib.sha256(body).digest() + body
+    try:
+        path = _ranks_path()
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache only costs the faster start
+        pass
+
+
 @lru_cache(maxsize=1)
 def gpt2_encoding():
     """The tiktoken ``gpt2`` encoding, built offline from packaged files."""
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-    vocab_bpe, encoder_json = _gpt2_files()
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=vocab_bpe,
-        encoder_json_file=encoder_json,
-        vocab_bpe_hash=_VOCAB_BPE_SHA,
-        encoder_json_hash=_ENCODER_JSON_SHA,
-    )
+    ranks = _cached_ranks()
+    if ranks is None:
+        vocab_bpe, encoder_json = _gpt2_files()
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=vocab_bpe,
+            encoder_json_file=encoder_json,
+            vocab_bpe_hash=_VOCAB_BPE_SHA,
+            encoder_json_hash=_ENCODER_JSON_SHA,
+        )
+        _save_ranks(ranks)
     return tiktoken.Encoding(
         name="gpt2",
         explicit_n_vocab=50257,
@@ -88,8 +147,10 @@ class GPT2Tokenizer(Tokenizer):
     vocab_size = 50257
     eot_id = 50256
 
-    def __init__(self) -> None:
-        self.enc = gpt2_encoding()
+    @property
+    def enc(self):
+        """The tiktoken encoding, built on first use (so a tokenizer object alone costs nothing)."""
+        return gpt2_encoding()
 
     def encode(self, text: str) -> list[int]:
         return self.enc.encode(text, allowed_special={EOT_TEXT})

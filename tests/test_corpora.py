@@ -210,3 +210,21 @@ def test_missing_pyarrow_is_one_line_naming_the_extra(shards, monkeypatch: pytes
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(DataError, match=r"pip install 'gpt-tui\[data\]'"):
         resolve_sources([str(shards["parquet"][0])]) and data_mod.units_of(str(shards["parquet"][0]), "text")
+
+
+def test_vocabulary_copy_in_the_cache_is_checked(tmp_path: Path):
+    from engine import tokenizer as tk
+
+    tk.gpt2_encoding.cache_clear()
+    first = tk.gpt2_encoding().encode_ordinary("Hello, do you like tea?")
+    copy = Path(tk._ranks_path())
+    assert copy.exists()
+    tk.gpt2_encoding.cache_clear()
+    assert tk.gpt2_encoding().encode_ordinary("Hello, do you like tea?") == first == [15496, 11, 466, 345, 588, 8887, 30]
+    raw = bytearray(copy.read_bytes())
+    raw[-5] ^= 0xFF  # a damaged copy is ignored and rewritten
+    copy.write_bytes(bytes(raw))
+    assert tk._cached_ranks() is None
+    tk.gpt2_encoding.cache_clear()
+    assert tk.gpt2_encoding().encode_ordinary("Hello, do you like tea?") == first
+    assert tk._cached_ranks() is not None
