@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import zlib
 from dataclasses import dataclass
 
@@ -285,7 +286,9 @@ class Encoder:
 _WORKER: dict = {}
 
 
-def worker_init(spec: dict, text_field: str) -> None:
+def worker_init(spec: dict, text_field: str, in_worker: bool = True) -> None:
+    if in_worker:  # Ctrl+C is the parent's to handle: it stops the pool
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER["enc"] = Encoder(tokenizer_from_spec(spec))
     _WORKER["field"] = text_field
 

@@ -39,6 +39,7 @@ TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ".tex", ".csv", ".py", ".html",
 RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".parquet")
 CHUNK_BYTES = 4 << 20
 CACHE_VERSION = "2"
+SMALL_CORPUS = 4 << 20  # bytes below which tokenizing uses no worker processes
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -187,7 +188,9 @@ def tokenize_to_cache(files: list[str], tok: Tokenizer, progress: Progress | Non
     if os.path.exists(path) and os.path.exists(meta_path):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    workers = workers or os.cpu_count() or 1
+    if workers is None:  # a small corpus is quicker in this process than with workers to start
+        small = sum(os.path.getsize(f) for f in files) < SMALL_CORPUS
+        workers = 1 if small else os.cpu_count() or 1
     job = _Job(files, tok, text_field, progress, stats, workers)
     parts = job.run(workers)
     n, docs = _join_parts(parts, path, job.enc)
@@ -265,7 +268,7 @@ class _Job:
             self._report(force=True)
             return self.parts
         if workers == 1:
-            worker_init(self.tok.spec(), self.text_field)
+            worker_init(self.tok.spec(), self.text_field, in_worker=False)
             results = map(worker_run, self.units)
             self._consume(results)
         else:

@@ -166,7 +166,7 @@ def test_char_level_separates_documents_by_a_blank_line(shards):
 def test_prepare_then_train_reuses_the_cache(tmp_path: Path, shards, monkeypatch: pytest.MonkeyPatch):
     cache = tmp_path / "cache"
     files = [str(shards[k][0]) for k in ("jsonl", "gz", "parquet")]
-    r = run_cli("prepare", *files, "--tokenizer", "gpt2", "--out", str(cache))
+    r = run_cli("prepare", *files, "--tokenizer", "gpt2", "--out", str(cache), "--workers", "2")
     assert r.returncode == 0, r.stderr
     assert "tokens" in r.stderr and "MB/s" in r.stderr and "ETA" in r.stderr and "docs" in r.stderr
     path = Path(r.stdout.strip().splitlines()[-1])
