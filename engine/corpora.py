@@ -16,7 +16,9 @@ import gzip
 import json
 import os
 import signal
+import tempfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -199,16 +201,26 @@ def _range_begin(u: Unit) -> int:
         return f.tell()
 
 
-def _docs_jsonl_gz(u: Unit, text_field: str) -> list[str]:
+def _gz_batches(u: Unit, text_field: str, max_bytes: int | None = None) -> Iterator[list[str]]:
+    """The documents of a .jsonl.gz, streamed in batches of about ``max_bytes`` of JSON."""
+    max_bytes = max_bytes or UNIT_BYTES
     lines: list[bytes] = []
+    first = 1  # line number of lines[0]
+    size = 0
     try:
         with gzip.open(u.path, "rb") as f:
             for line in f:
                 lines.append(line)
+                size += len(line)
+                if size >= max_bytes:
+                    yield _jsonl_docs(lines, u.path, text_field, lambda i, b=first: f"line {b + i}")
+                    first += len(lines)
+                    lines, size = [], 0
     except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{u.path} is corrupt or truncated after line {len(lines)} ({_short(e)})",
+        raise DataError(f"{u.path} is corrupt or truncated after line {first + len(lines) - 1} ({_short(e)})",
                         "download the shard again or remove it") from None
-    return _jsonl_docs(lines, u.path, text_field, lambda i: f"line {i + 1}")
+    if lines:
+        yield _jsonl_docs(lines, u.path, text_field, lambda i, b=first: f"line {b + i}")
 
 
 def _docs_parquet(u: Unit, text_field: str) -> list[str]:
@@ -231,11 +243,19 @@ def unit_documents(u: Unit, text_field: str) -> list[str]:
     if u.kind == "parquet":
         return _docs_parquet(u, text_field)
     if u.kind == "jsonl.gz":
-        return _docs_jsonl_gz(u, text_field)
+        return [d for batch in _gz_batches(u, text_field) for d in batch]
     if u.kind == "jsonl":
         return _docs_jsonl(u, text_field)
     data = _read_range(u.path, u.start, u.end) if u.start or u.end < os.path.getsize(u.path) else _read_all(u.path)
     return [_decode(data, u.path, u.start)]
+
+
+def unit_batches(u: Unit, text_field: str) -> Iterator[list[str]]:
+    """A unit's documents in bounded batches (a .jsonl.gz is streamed, the other units are bounded already)."""
+    if u.kind == "jsonl.gz":
+        yield from _gz_batches(u, text_field)
+    else:
+        yield unit_documents(u, text_field)
 
 
 def _read_all(path: str) -> bytes:
@@ -286,16 +306,38 @@ class Encoder:
 _WORKER: dict = {}
 
 
-def worker_init(spec: dict, text_field: str, in_worker: bool = True) -> None:
+def worker_init(spec: dict, text_field: str, in_worker: bool = True, spill_dir: str = "") -> None:
     if in_worker:  # Ctrl+C is the parent's to handle: it stops the pool
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER["spill"] = spill_dir or tempfile.gettempdir()
     _WORKER["enc"] = Encoder(tokenizer_from_spec(spec))
     _WORKER["field"] = text_field
 
 
-def worker_run(u: Unit) -> tuple[Unit, np.ndarray | None, int, tuple[str, str | None] | None]:
-    """Tokenize a unit: (unit, ids, documents, error). Errors come back as (problem, fix)."""
+def _spill(u: Unit) -> tuple[str, int]:
+    """Tokens of a streamed unit written batch by batch to a file of its own: (path, documents)."""
+    enc = _WORKER["enc"]
+    fd, path = tempfile.mkstemp(dir=_WORKER["spill"], prefix=".unit-", suffix=".bin")
+    docs = 0
     try:
+        with os.fdopen(fd, "wb") as out:
+            for batch in unit_batches(u, _WORKER["field"]):
+                if docs and batch and enc.sep.size:
+                    enc.sep.tofile(out)
+                enc.documents(batch).tofile(out)
+                docs += len(batch)
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path, docs
+
+
+def worker_run(u: Unit) -> tuple[Unit, np.ndarray | str | None, int, tuple[str, str | None] | None]:
+    """Tokenize a unit: (unit, ids or the path of a file of them, documents, error as (problem, fix))."""
+    try:
+        if u.kind == "jsonl.gz":
+            path, n = _spill(u)
+            return u, path, n, None
         docs = unit_documents(u, _WORKER["field"])
         return u, _WORKER["enc"].documents(docs), len(docs), None
     except DataError as e:

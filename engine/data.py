@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .corpora import UNIT_BYTES, Encoder, Unit, file_kind, unit_documents, units_of, worker_init, worker_run
+from .corpora import UNIT_BYTES, Encoder, Unit, file_kind, unit_batches, units_of, worker_init, worker_run
 from .corpus import DEFAULT_CORPUS, NAMED, cache_dir, fetch
 from .errors import DataError
 from .tokenizer import CharTokenizer, Tokenizer
@@ -140,8 +140,9 @@ def build_char_tokenizer(files: list[str], text_field: str = "text") -> CharToke
     chars: set[str] = set()
     for f in files:
         for u in units_of(f, text_field):
-            for doc in unit_documents(u, text_field):
-                chars.update(doc)
+            for batch in unit_batches(u, text_field):
+                for doc in batch:
+                    chars.update(doc)
     if len(files) > 1 or any(file_kind(f) != "text" for f in files):
         chars.add("\n")  # documents are separated by a blank line
     if not chars:
@@ -231,6 +232,29 @@ def _join_parts(parts: list[str], path: str, enc: Encoder) -> tuple[int, int]:
     return n, docs
 
 
+def _remove_spills(folder: str, since: float) -> None:
+    """Token files of streamed units that a stopped run left behind."""
+    for p in glob.glob(os.path.join(folder, ".unit-*.bin")):
+        try:
+            if os.path.getmtime(p) >= since - 1:
+                os.unlink(p)
+        except OSError:
+            pass
+
+
+def _write_ids(ids: np.ndarray | str, out, dtype) -> int:
+    """Append a unit's ids (an array, or the file a streamed unit wrote) to ``out``; how many."""
+    if isinstance(ids, np.ndarray):
+        ids.tofile(out)
+        return ids.size
+    try:
+        with open(ids, "rb") as src:
+            shutil.copyfileobj(src, out, 16 << 20)
+        return os.path.getsize(ids) // np.dtype(dtype).itemsize
+    finally:
+        os.unlink(ids)
+
+
 class _Job:
     """One tokenization: which files still need a part, the workers, the writing of parts."""
 
@@ -240,6 +264,7 @@ class _Job:
         self.enc = Encoder(tok)
         d = os.path.join(cache_dir(), "tokens", "parts")
         os.makedirs(d, exist_ok=True)
+        self.spill = d
         self.parts = [os.path.join(d, hashlib.sha256(_file_key(f, tok, text_field).encode()).hexdigest()[:24] + ".bin")
                       for f in files]
         self.total = sum(os.path.getsize(f) for f in files)
@@ -268,13 +293,20 @@ class _Job:
             self._report(force=True)
             return self.parts
         if workers == 1:
-            worker_init(self.tok.spec(), self.text_field, in_worker=False)
+            worker_init(self.tok.spec(), self.text_field, in_worker=False, spill_dir=self.spill)
             results = map(worker_run, self.units)
             self._consume(results)
         else:
             ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(workers, initializer=worker_init, initargs=(self.tok.spec(), self.text_field)) as pool:
-                self._consume(pool.imap(worker_run, self.units, chunksize=1))
+            t0 = time.time()
+            with ctx.Pool(workers, initializer=worker_init,
+                          initargs=(self.tok.spec(), self.text_field, True, self.spill)) as pool:
+                try:
+                    self._consume(pool.imap(worker_run, self.units, chunksize=1))
+                except BaseException:
+                    pool.terminate()
+                    _remove_spills(self.spill, t0)
+                    raise
         return self.parts
 
     def _consume(self, results) -> None:
@@ -293,11 +325,11 @@ class _Job:
                 if u.docs and not u.first and ndocs and self.enc.sep.size:
                     self.enc.sep.tofile(out)
                     n += self.enc.sep.size
-                ids.tofile(out)
-                n += ids.size
+                size = _write_ids(ids, out, self.enc.dtype)
+                n += size
                 docs += ndocs if u.docs else int(u.first)
                 self.done += u.nbytes
-                self.tokens += ids.size
+                self.tokens += size
                 self.docs += ndocs if u.docs else int(u.first)
                 if i == self.last_unit[u.path]:
                     out.flush()

@@ -228,3 +228,19 @@ def test_vocabulary_copy_in_the_cache_is_checked(tmp_path: Path):
     tk.gpt2_encoding.cache_clear()
     assert tk.gpt2_encoding().encode_ordinary("Hello, do you like tea?") == first
     assert tk._cached_ranks() is not None
+
+
+def test_jsonl_gz_is_streamed_in_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    texts = docs("delta", 200)
+    gz = write_jsonl(tmp_path / "big.jsonl.gz", texts)
+    monkeypatch.setattr("engine.corpora.UNIT_BYTES", 2000)  # many batches of a few lines
+    tokens = load_tokens(tokenize_to_cache([str(gz)], GPT2Tokenizer(), workers=1))
+    assert tokens.tolist() == expected(texts)
+    assert not list(Path(data_mod.cache_dir(), "tokens", "parts").glob(".unit-*"))
+    lines = gzip.decompress(gz.read_bytes()).decode().splitlines()
+    lines[150] = "not json"
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    with pytest.raises(DataError, match=r"bad.jsonl.gz line 151 is not a JSON object"):
+        tokenize_to_cache([str(bad)], GPT2Tokenizer(), workers=2)
+    assert not list(Path(data_mod.cache_dir(), "tokens", "parts").glob(".unit-*"))
