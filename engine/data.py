@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .corpora import UNIT_BYTES, Encoder, Unit, file_kind, unit_batches, units_of, worker_init, worker_run
-from .corpus import DEFAULT_CORPUS, NAMED, cache_dir, fetch
+from .corpus import DEFAULT_CORPUS, NAMED, REMOTE, cache_dir, fetch
 from .errors import DataError
 from .tokenizer import CharTokenizer, Tokenizer
 
@@ -76,6 +76,9 @@ def _walk(folder: str) -> list[str]:
 
 def _expand(entry: str) -> list[str]:
     if entry in NAMED and not os.path.exists(entry):
+        remote = REMOTE.get(entry)
+        if remote is not None and remote.filename.endswith(".json"):
+            _refuse_json(f"corpus {entry!r} ({remote.filename})")
         return [fetch(entry)]
     if not os.path.exists(entry) and glob.has_magic(entry):
         hits = sorted(h for h in glob.glob(entry, recursive=True) if os.path.isfile(h) and _is_data_file(h))
@@ -91,12 +94,16 @@ def _expand(entry: str) -> list[str]:
                             f"put text, .jsonl(.gz) or .parquet files in it (text suffixes: {' '.join(sorted(TEXT_SUFFIXES))})")
         return found
     if entry.lower().endswith(".json"):
-        raise DataError(
-            f"{entry} is a .json file, which train does not read as text",
-            "give JSON Lines (.jsonl, one object per line with a text field), rename it to .txt to train on it "
-            "as raw text, or finetune on an instruction dataset with `gpt-tui finetune --data FILE.json`",
-        )
+        _refuse_json(entry)
     return [entry]
+
+
+def _refuse_json(what: str) -> None:
+    raise DataError(
+        f"{what} is a .json file, which is not read as training text",
+        "give JSON Lines (.jsonl, one object per line with a text field), rename it to .txt to train on it "
+        "as raw text, or finetune on an instruction dataset with `gpt-tui finetune --data FILE.json`",
+    )
 
 
 def resolve_sources(data: list[str]) -> list[str]:
@@ -194,7 +201,12 @@ def tokenize_to_cache(files: list[str], tok: Tokenizer, progress: Progress | Non
         workers = 1 if small else os.cpu_count() or 1
     job = _Job(files, tok, text_field, progress, stats, workers)
     parts = job.run(workers)
-    n, docs = _join_parts(parts, path, job.enc)
+    try:
+        n, docs = _join_parts(parts, path, job.enc)
+    except FileNotFoundError:
+        if os.path.exists(path) and os.path.exists(meta_path):  # another process joined the same parts first
+            return path
+        raise
     _write_meta(meta_path, {"files": [os.path.abspath(f) for f in files], "tokens": n, "documents": docs,
                             "dtype": np.dtype(job.enc.dtype).name, "tokenizer": tok.spec().get("type"),
                             "text_field": text_field})

@@ -106,6 +106,8 @@ def test_plain_json_is_refused_with_the_way_out(tmp_path: Path):
     p.write_text('[{"instruction": "a", "output": "b"}]')
     with pytest.raises(DataError, match=r"finetune"):
         resolve_sources([str(p)])
+    with pytest.raises(DataError, match=r"corpus 'alpaca' \(instruction-data.json\) is a .json file.*finetune"):
+        resolve_sources(["alpaca"])  # refused before anything is downloaded
 
 
 def test_text_field_errors_name_the_fields_present(shards):
