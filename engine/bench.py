@@ -34,7 +34,16 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig
-from .device import GPU_PEAK_FLOPS, memory_mb, peak_flops, store_measured_peak
+from .device import (
+    GPU_PEAK_FLOPS,
+    measure_conditions,
+    measure_matmul_peak,
+    memory_mb,
+    native_dtypes,
+    peak_flops,
+    store_measured_peak,
+    taken_under_load,
+)
 from .errors import GptTuiError
 from .events import NullSink, Recorder
 from .model import GPT
@@ -92,43 +101,41 @@ class PeakResult:
     dtype: str
     flops: float
     size: int
-    source: str  # measured, table or given
+    source: str  # measured, measured under load, table or given
+    load_avg: float | None = None  # the 1-minute load average when it was measured
 
 
-def measure_matmul_peak(device: torch.device, dtype: str, size: int = 2048, repeats: int = 5) -> float:
-    """Best FLOP/s of ``size``-square matmuls in fp32 or bf16 (fp16 on GPUs) on ``device``."""
-    tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    a = torch.randn(size, size, device=device).to(tdt)
-    b = torch.randn(size, size, device=device).to(tdt)
-    a @ b  # warm-up: kernels chosen, pages touched
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * size**3 / best
-
-
-def device_peaks(device: torch.device, dtypes: Sequence[str], given: float | None = None,
-                 size: int = 2048, store: bool = True) -> list[PeakResult]:
+def device_peaks(device: torch.device, dtypes: Sequence[str] | None = None, given: float | None = None,
+                 size: int = 2048, store: bool = True, budget_s: float = 3.0,
+                 progress: Progress = _quiet) -> list[PeakResult]:
     """The peaks MFU is measured against: given, the GPU table, or measured with matmuls.
 
-    Given and measured peaks are stored (``store``), so the trainer and dashboard show MFU
-    against them; a GPU in the table keeps the table's figure.
+    Only the precisions the device runs natively are measured (``dtypes`` defaults to them; a
+    bf16 matmul on a CPU without AVX-512 BF16 or AMX is emulated and tens of times slower),
+    each probe bounded by ``budget_s``. Given and measured peaks are stored with the conditions
+    they were taken under (``store``), so the trainer and dashboard show MFU against them; a
+    GPU in the table keeps the table's figure.
     """
     out = []
-    for dt in dtypes:
+    native = native_dtypes(device)
+    for dt in dtypes if dtypes is not None else native:
+        cond: dict[str, Any] = {}
         known = peak_flops(device, dt) if device.type == "cuda" and not given else None
         if given:
             res = PeakResult(str(device), dt, given, 0, "given")
         elif known and any(k in torch.cuda.get_device_name(device) for k in GPU_PEAK_FLOPS):
             res = PeakResult(str(device), dt, known, 0, "table")
+        elif dt not in native:
+            continue
         else:
-            res = PeakResult(str(device), dt, measure_matmul_peak(device, dt, size), size, "measured")
+            cond = measure_conditions(device)
+            flops, n = measure_matmul_peak(device, dt, size, budget_s=budget_s, progress=progress)
+            res = PeakResult(str(device), dt, flops, n, "measured", cond.get("load_avg"))  # type: ignore[arg-type]
+            if taken_under_load(cond):
+                res.source = "measured under load"
         if store and res.source != "table":
-            store_measured_peak(device.type, dt, res.flops)
+            source = "given" if res.source == "given" else "measured"
+            store_measured_peak(device.type, dt, res.flops, source=source, **({"size": res.size, **cond} if cond else {}))
         out.append(res)
     return out
 

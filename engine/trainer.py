@@ -768,6 +768,7 @@ class Trainer:
                 self.step += 1
                 self.tokens_seen += step_tokens
                 tps = step_tokens / max(dt, 1e-9)
+                peak = peak or peak_flops(self.device, self.dtype)  # a first run's quick probe ends during the first steps
                 self.emit(
                     StepEvent(
                         step=self.step, epoch=self.epoch if self.step % self.steps_per_epoch else self.epoch - 1,

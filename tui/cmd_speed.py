@@ -100,10 +100,26 @@ def _fmt_rate(v: float | None) -> str:
     return "-" if v is None else (f"{v:,.0f}" if v >= 100 else f"{v:.1f}")
 
 
-def render(report: dict[str, Any]) -> None:
-    """Draw the report as rich tables on stdout."""
-    from rich.console import Console
+def _fmt_short_rate(v: float | None) -> str:
+    """At most 7 characters: 14,348 or 1.23 M."""
+    return _fmt_rate(v) if v is None or v < 1e6 else f"{v / 1e6:.2f} M"
+
+
+def _fmt_step(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def _table(title: str) -> Any:
+    """A table that fits 80 columns: one space between columns, no side borders."""
+    from rich import box
     from rich.table import Table
+
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False)
+
+
+def render(report: dict[str, Any]) -> None:
+    """Draw the report as rich tables on stdout; headers are never cut at 80 columns."""
+    from rich.console import Console
 
     con = Console()
     m = report["machine"]
@@ -111,32 +127,34 @@ def render(report: dict[str, Any]) -> None:
     con.print(f"[bold]gpt-tui bench[/] {m['date']} · {m['cpu']} · {m['cores']} cores{gpu} · torch {m['torch']} · "
               f"{m['device']}, {m['threads']} threads · load {m.get('load_avg', '-')}")
     if report.get("peaks"):
-        t = Table(title="Device peak (matmul)", title_justify="left")
+        t = _table("Device peak (matmul)")
         for c in ("dtype", "FLOP/s", "source"):
             t.add_column(c)
         for p in report["peaks"]:
-            size = f" ({p.size}x{p.size})" if p.size else ""
-            t.add_row(p.dtype, _fmt_si(p.flops, "FLOP/s"), p.source + size)
+            cond = [f"{p.size}x{p.size}"] if p.size else []
+            cond += [f"load {p.load_avg}"] if p.load_avg is not None else []
+            t.add_row(p.dtype, _fmt_si(p.flops, "FLOP/s"), p.source + (f" ({', '.join(cond)})" if cond else ""))
         con.print(t)
     if report.get("train"):
         compare = any(r.book_tokens_per_sec for r in report["train"])
-        t = Table(title="Training (default flags; median step after warm-up)", title_justify="left")
-        cols = ["preset", "batch x ctx", "tokenizer", "dtype", "params", "step", "tokens/s", "MFU"]
-        cols += ["book tokens/s", "ratio"] if compare else ["peak mem"]
+        t = _table("Training (default flags; median step after warm-up)")
+        cols = ["preset", "BxT", "tokens", "dtype", "params", "step", "tok/s", "MFU"]
+        cols += ["book tok/s", "ratio"] if compare else ["peak mem"]
         for c in cols:
-            t.add_column(c, justify="right" if c not in ("preset", "tokenizer", "dtype") else "left")
+            t.add_column(c, justify="right" if c not in ("preset", "tokens", "dtype") else "left", no_wrap=True,
+                         min_width=len(c))
         for r in report["train"]:
-            row = [r.preset, f"{r.batch_size} x {r.context}", r.tokenizer, r.dtype, _fmt_si(r.n_params),
-                   f"{r.step_time * 1000:,.0f} ms", _fmt_rate(r.tokens_per_sec),
+            row = [r.preset, f"{r.batch_size}x{r.context}", r.tokenizer, r.dtype, _fmt_si(r.n_params),
+                   _fmt_step(r.step_time), _fmt_short_rate(r.tokens_per_sec),
                    f"{r.mfu * 100:.1f}%" if r.mfu is not None else "-"]
             if compare:
-                row += [_fmt_rate(r.book_tokens_per_sec), f"{r.ratio:.2f}x" if r.ratio else "-"]
+                row += [_fmt_short_rate(r.book_tokens_per_sec), f"{r.ratio:.2f}x" if r.ratio else "-"]
             else:
                 row += [f"{r.peak_memory_mb:,.0f} MB {r.memory_kind}" if r.peak_memory_mb else "-"]
             t.add_row(*row)
         con.print(t)
     if report.get("threads"):
-        t = Table(title="Torch threads (training tokens/s, steps interleaved)", title_justify="left")
+        t = _table("Torch threads (training tokens/s, steps interleaved)")
         counts = sorted({n for r in report["threads"] for n in r.tokens_per_sec})
         for c in ["preset", "load avg", *(f"{n} thread{'s' if n > 1 else ''}" for n in counts)]:
             t.add_column(c)
@@ -144,7 +162,7 @@ def render(report: dict[str, Any]) -> None:
             t.add_row(r.preset, f"{r.load_avg}", *(_fmt_rate(r.tokens_per_sec.get(n)) for n in counts))
         con.print(t)
     if report.get("optimizer"):
-        t = Table(title="AdamW step (same parameters and gradients)", title_justify="left")
+        t = _table("AdamW step (same parameters and gradients)")
         for c in ("preset", "params", "for-loop (torch CPU default)", "foreach", "fused (ours)", "fused speed-up"):
             t.add_column(c)
         for o in report["optimizer"]:
@@ -153,7 +171,7 @@ def render(report: dict[str, Any]) -> None:
                       f"{o.fused_speedup:.1f}x" if o.fused_speedup else "-")
         con.print(t)
     if report.get("generate"):
-        t = Table(title="Generation (greedy, batch 1)", title_justify="left")
+        t = _table("Generation (greedy, batch 1)")
         for c in ("preset", "dtype", "prompt + new", "KV cache tok/s", "recompute tok/s", "speed-up"):
             t.add_column(c)
         for g in report["generate"]:
@@ -161,7 +179,7 @@ def render(report: dict[str, Any]) -> None:
                       _fmt_rate(g.uncached_tokens_per_sec), f"{g.speedup:.1f}x")
         con.print(t)
     if report.get("tokenize"):
-        t = Table(title="Tokenization (into the token cache)", title_justify="left")
+        t = _table("Tokenization (into the token cache)")
         for c in ("tokenizer", "corpus", "MB", "tokens", "MB/s"):
             t.add_column(c)
         for r in report["tokenize"]:
@@ -216,7 +234,7 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from engine import bench as B
-        from engine.device import resolve_device
+        from engine.device import allow_peak_probe, resolve_device
 
         for flag, v in (("--steps", steps), ("--gen-tokens", gen_tokens)):
             if v < 1:
@@ -233,12 +251,12 @@ def register(app: typer.Typer) -> None:
             from engine.device import default_threads
 
             torch.set_num_threads(threads or default_threads(False))
+        allow_peak_probe(False)  # no probe beside the timed steps: the peak part measures it
         report: dict[str, Any] = {"machine": B.machine_info(dev)}
         with _Progress(sys.stderr.isatty() or not as_json) as progress:
             if "peak" in parts:
                 progress("measuring the matmul peak")
-                kinds = ["fp32", "bf16"] if dev.type != "cuda" or torch.cuda.is_bf16_supported() else ["fp32", "fp16"]
-                report["peaks"] = B.device_peaks(dev, kinds, given=peak)
+                report["peaks"] = B.device_peaks(dev, given=peak, progress=progress)
             if "train" in parts:
                 report["train"] = [
                     B.bench_train(B.bench_config(p, batch_size=b or batch_size, context=t or context, **common),
