@@ -186,6 +186,13 @@ async def test_help_screen_and_axis_toggle(corpus: Path, tmp_path: Path, stop_en
         assert chart.axis == "tokens" and app.query_one(LRChart).axis == "tokens"
         await pilot.pause(0.1)
         assert "tokens" in str(chart.border_subtitle)
+        before = chart.render()
+        await pilot.press("y")
+        assert chart.log_y
+        await pilot.pause(0.1)
+        assert "log y" in str(chart.border_subtitle) and str(chart.render()) != str(before)
+        await pilot.press("y")
+        assert not chart.log_y
         await pilot.resize_terminal(80, 24)
         await pilot.pause(0.3)
         assert chart.size.width < 60 and app.query_one(StatsPane).size.height >= 13
@@ -301,6 +308,18 @@ def test_downsample_bounds_points_and_keeps_shape() -> None:
     assert dx[0] < 1000 and dx[-1] > 99_000
     assert all(a >= b for a, b in zip(dy, dy[1:], strict=False))
     assert downsample([1, 2], [3, 4], 70) == ([1, 2], [3, 4])
+
+
+def test_downsample_keeps_a_spike_and_a_dip() -> None:
+    xs = list(range(50_000))
+    ys = [2.0] * 50_000
+    ys[12_345] = 9.5
+    ys[40_001] = 0.25
+    dx, dy = downsample(xs, ys, 60)
+    assert len(dx) <= 60
+    assert max(dy) == 9.5 and dx[dy.index(9.5)] == 12_345
+    assert min(dy) == 0.25 and dx[dy.index(0.25)] == 40_001
+    assert dx == sorted(dx)
 
 
 def test_ema_skips_non_finite() -> None:

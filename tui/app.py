@@ -135,6 +135,7 @@ class DashboardApp(App[int]):
         Binding("g", "generate", "generate"),
         Binding("e", "eval", "eval"),
         Binding("x", "toggle_axis", "axis"),
+        Binding("y", "toggle_log", "log y", show=False),
         Binding("question_mark", "help", "help", key_display="?"),
         Binding("q", "quit_run", "quit"),
         Binding("ctrl+c", "quit_run", "quit", show=False, priority=True),
@@ -406,6 +407,12 @@ class DashboardApp(App[int]):
         self.axis = "tokens" if self.axis == "steps" else "steps"
         if self.snap is not None:
             self._update_charts(self.snap, force=True)
+
+    def action_toggle_log(self) -> None:
+        """The loss chart's y axis: linear or log (loss spans orders of magnitude early in a run)."""
+        chart = self.query_one(LossChart)
+        chart.log_y = not chart.log_y
+        chart.refresh()
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

@@ -29,17 +29,24 @@ from .headless import fmt_duration
 
 
 def downsample(xs: Sequence[float], ys: Sequence[float], n: int) -> tuple[list[float], list[float]]:
-    """Thin a series to at most ``n`` points by averaging consecutive buckets (keeps the shape)."""
+    """Thin a series to at most ``n`` points: each of ``n // 2`` consecutive buckets keeps its lowest
+    and its highest point, in step order, so a spike or a dip survives however long the run grows."""
     m = len(xs)
     if n <= 0 or m <= n:
         return list(xs), list(ys)
-    out_x, out_y = [], []
-    for b in range(n):
-        lo, hi = b * m // n, (b + 1) * m // n
+    buckets = max(1, n // 2)
+    out_x: list[float] = []
+    out_y: list[float] = []
+    for b in range(buckets):
+        lo, hi = b * m // buckets, (b + 1) * m // buckets
         if hi <= lo:
             continue
-        out_x.append(sum(xs[lo:hi]) / (hi - lo))
-        out_y.append(sum(ys[lo:hi]) / (hi - lo))
+        finite = [i for i in range(lo, hi) if math.isfinite(ys[i])] or [lo]
+        i_min = min(finite, key=ys.__getitem__)
+        i_max = max(finite, key=ys.__getitem__)
+        keep = sorted({i_min, i_max}) if n >= 2 else [i_min]
+        out_x.extend(xs[i] for i in keep)
+        out_y.extend(ys[i] for i in keep)
     return out_x, out_y
 
 
@@ -128,6 +135,7 @@ class Chart(PlotextPlot):
         self.border_title = title
         self.theme = "clear"  # the terminal's own colours: fine with 16 colours
         self.axis = "steps"
+        self.log_y = False  # y drawn as log10 of the value, ticks labelled with the value itself
         self.steps: list[tuple[int, int, float, float]] = []
         self.evals: list[Any] = []
 
@@ -163,6 +171,8 @@ class Chart(PlotextPlot):
             scale, unit = self.x_scale()
             self.border_subtitle = self.subtitle(unit)
             lines = self.series(scale)
+            if self.log_y:
+                lines = [(xs, [math.log10(y) if y > 0 else float("nan") for y in ys], c, m) for xs, ys, c, m in lines]
             all_x = [x for xs, _, _, _ in lines for x in xs]
             all_y = [y for _, ys, _, _ in lines for y in ys if math.isfinite(y)]
             for xs, ys, color, marker in lines:
@@ -173,7 +183,7 @@ class Chart(PlotextPlot):
                 plt.xticks(xt, [self.x_label(v, unit) for v in xt])
                 h = self.size.height
                 yt = tick_values(min(all_y), max(all_y), 2 if h < 6 else 3 if h < 10 else 5)
-                plt.yticks(yt, [self.y_format.format(v) for v in yt])
+                plt.yticks(yt, [self.y_format.format(10 ** v if self.log_y else v) for v in yt])
         return super().render()
 
     def x_label(self, v: float, unit: str) -> str:
@@ -199,7 +209,8 @@ class LossChart(Chart):
         return out
 
     def subtitle(self, unit: str) -> str:
-        return f"[cyan]train (smoothed)[/] [yellow]• val[/] · x: {unit + ' ' if unit else ''}{self.axis}"
+        log = " · log y" if self.log_y else ""
+        return f"[cyan]train (smoothed)[/] [yellow]• val[/] · x: {unit + ' ' if unit else ''}{self.axis}{log}"
 
 
 class LRChart(Chart):
@@ -444,6 +455,7 @@ KEYS = [
     ("g", "generate from the live weights"),
     ("e", "evaluate train and val loss now"),
     ("x", "chart x axis: steps or tokens"),
+    ("y", "loss chart y axis: linear or log"),
     ("tab", "focus the samples pane (arrows scroll)"),
     ("?", "this help"),
     ("q / ctrl+c", "save a checkpoint and quit"),
