@@ -33,6 +33,10 @@ def test_train_headless_then_generate(corpus: Path, tmp_path: Path):
     greedy = run_cli("generate", str(out), "--prompt", "It had", "-n", "20", "--temperature", "0")
     greedy2 = run_cli("generate", str(out), "--prompt", "It had", "-n", "20", "--temperature", "0", "--seed", "99")
     assert greedy.stdout == greedy2.stdout
+    assert greedy.stdout.startswith("It had")  # the prompt, then its continuation (as the book prints)
+    bare = run_cli("generate", str(out), "--prompt", "It had", "-n", "20", "--temperature", "0", "--no-echo")
+    assert bare.returncode == 0, bare.stderr
+    assert "It had" + bare.stdout == greedy.stdout
 
 
 def test_no_terminal_runs_headless_with_a_note(corpus: Path, tmp_path: Path):

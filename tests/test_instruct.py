@@ -199,6 +199,7 @@ def test_cli_finetune_headless(tmp_path: Path, init_ckpt: Path) -> None:
     assert len(json.loads((run / "test_responses.json").read_text())) == 1
     r = run_cli("generate", str(run), "--prompt", "What is 2 plus one?", "-n", "3", "--seed", "0")
     assert r.returncode == 0, r.stderr
+    assert "What is 2 plus one?" not in r.stdout  # instruction-tuned: only the response
 
 
 @pytest.mark.parametrize("args, message", [

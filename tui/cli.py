@@ -192,9 +192,14 @@ def generate(
     no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Recompute the whole context each token."),
     no_stop: bool = typer.Option(False, "--no-stop", help="Do not stop at end-of-text."),
     raw: bool = typer.Option(False, "--raw", help="Do not apply an instruction template."),
+    no_echo: bool = typer.Option(False, "--no-echo", help="Write only the continuation, not the prompt before it."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, mps."),
 ) -> None:
-    """Generate text from a checkpoint; only the text goes to stdout."""
+    """Generate text from a checkpoint: the prompt, then its continuation (only text goes to stdout).
+
+    Instruction-tuned checkpoints print only the response (the prompt goes through their template);
+    --no-echo prints only the continuation for any checkpoint.
+    """
     from engine.inference import load_for_inference
     from engine.sampling import SampleSettings
 
@@ -211,7 +216,10 @@ def generate(
     truncated = lm.truncation_note(text_prompt)
     if truncated:
         print(f"gpt-tui: {truncated}", file=sys.stderr)
+    echo = not no_echo and text_prompt == prompt
     try:
+        if echo:
+            sys.stdout.write(prompt)
         for piece in lm.stream(text_prompt, settings):
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -221,9 +229,9 @@ def generate(
 
 
 # Commands that live in their own modules.
-from . import cmd_dist, cmd_gpt2, cmd_prepare, cmd_sample, cmd_speed  # noqa: E402
+from . import cmd_dist, cmd_gpt2, cmd_prepare, cmd_runs, cmd_sample, cmd_speed  # noqa: E402
 
-for _m in (cmd_gpt2, cmd_sample, cmd_speed, cmd_dist, cmd_prepare):
+for _m in (cmd_gpt2, cmd_sample, cmd_speed, cmd_dist, cmd_prepare, cmd_runs):
     _m.register(app)
 
 
