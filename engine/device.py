@@ -208,13 +208,15 @@ def measure_matmul_peak(device: torch.device, dtype: str, size: int = 2048, budg
     instead of running a fixed number of large products. Returns (FLOP/s, largest size timed).
     """
     tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    # A private generator: a probe running beside training must not draw from the run's RNG streams.
+    gen = torch.Generator(device=device).manual_seed(0)
     t_end = time.perf_counter() + budget_s
     best, n, timed = 0.0, min(256, size), 0
     while True:
         if progress:
             progress(f"measuring the {dtype} matmul peak ({n}x{n})")
-        a = torch.randn(n, n, device=device).to(tdt)
-        b = torch.randn(n, n, device=device).to(tdt)
+        a = torch.randn(n, n, device=device, generator=gen).to(tdt)
+        b = torch.randn(n, n, device=device, generator=gen).to(tdt)
         a @ b  # warm-up: kernels chosen, pages touched
         _sync(device)
         for _ in range(5):
