@@ -45,8 +45,9 @@ from .device import (
     taken_under_load,
 )
 from .errors import GptTuiError
-from .events import NullSink, Recorder
+from .events import NullSink
 from .model import GPT
+from .recorder import Recorder
 
 Progress = Callable[[str], None]
 
@@ -252,8 +253,10 @@ def bench_config(preset: str, data: list[str] | None = None, batch_size: int | N
 @contextlib.contextmanager
 def bench_trainer(cfg: TrainConfig) -> Iterator[Any]:
     """A set-up Trainer writing into a temporary run directory (removed afterwards)."""
+    from .setup import prepare_process
     from .trainer import Trainer
 
+    prepare_process(cfg)  # as a training run would have it
     with tempfile.TemporaryDirectory(prefix="gpt-tui-bench-") as d:
         cfg = cfg.replace(out=os.path.join(d, "run"))
         trainer = Trainer(cfg, NullSink())
@@ -323,7 +326,7 @@ class BookProcess:
         import multiprocessing as mp
 
         _import_book_model()  # a missing package is reported here, not in the child
-        mc = trainer.model_ref.cfg
+        mc = trainer.model.cfg
         book_cfg = {"vocab_size": mc.vocab_size, "context_length": mc.context_length, "emb_dim": mc.n_embd,
                     "n_heads": mc.n_head, "n_layers": mc.n_layer, "drop_rate": mc.dropout, "qkv_bias": mc.qkv_bias}
         ctx = mp.get_context("spawn")
@@ -380,32 +383,31 @@ def bench_train(cfg: TrainConfig, steps: int = 3, warmup: int = 1, compare: bool
                     label = "warm-up" if i < warmup else f"step {i - warmup + 1}/{steps}"
                     progress(f"{name}: {label}")
                     t0 = time.perf_counter()
-                    tr.micro_batch(tr.step, 0)
+                    tr.batches.get(tr.step, 0)
                     data_times.append(time.perf_counter() - t0)
                     t0 = time.perf_counter()
-                    loss, _, _ = tr.train_step()
+                    loss = float(tr.run_step())
                     _sync(device)
                     dt = time.perf_counter() - t0
                     if i >= warmup:
                         ours.append(dt)
                     if book is not None:
                         progress(f"{name}: {label} (book's model)")
-                        x, y = tr.micro_batch(tr.step, 0)
+                        x, y = tr.batches.get(tr.step - 1, 0)
                         book_time, book_loss = book.step(x, y)
                         if i >= warmup:
                             theirs.append(book_time)
-                    tr.step += 1
         finally:
             if book is not None:
                 book.close()
         step_time = statistics.median(ours)
         tps = tr.tokens_per_step() / step_time
-        fpt = tr.model_ref.flops_per_token(tr.context)
+        fpt = tr.model.flops_per_token(tr.context)
         peak = peak_flops(device, tr.dtype)
         res = TrainResult(
             preset=name, batch_size=cfg.batch_size, context=tr.context, tokenizer=tr.tokenizer.spec()["type"],
             vocab_size=tr.tokenizer.vocab_size, dtype=tr.dtype, device=str(device), threads=torch.get_num_threads(),
-            n_params=tr.model_ref.num_params(), steps=steps, step_time=step_time, tokens_per_sec=tps,
+            n_params=tr.model.num_params(), steps=steps, step_time=step_time, tokens_per_sec=tps,
             flops_per_token=fpt, mfu=fpt * tps / peak if peak else None,
             peak_memory_mb=mem.peak, memory_kind=mem.kind, loss=loss,
             data_time=statistics.median(data_times),
@@ -447,10 +449,9 @@ def bench_threads(cfg: TrainConfig, counts: Sequence[int], steps: int = 3, warmu
                     progress(f"{cfg.preset}: {n} thread(s), {'warm-up' if i < warmup else f'step {i - warmup + 1}/{steps}'}")
                     torch.set_num_threads(n)
                     t0 = time.perf_counter()
-                    tr.train_step()
+                    tr.run_step(advance=n == counts[-1])
                     if i >= warmup:
                         times[n].append(time.perf_counter() - t0)
-                tr.step += 1
             per_step = tr.tokens_per_step()
     finally:
         torch.set_num_threads(before)
@@ -522,7 +523,7 @@ def bench_generate(cfg: TrainConfig, new_tokens: int = 64, prompt_tokens: int = 
     from .sampling import SampleSettings, generate
 
     with bench_trainer(cfg) as tr:
-        model: GPT = tr.model_ref
+        model: GPT = tr.model
         n_prompt = min(prompt_tokens, max(1, model.cfg.context_length - 1))
         idx = torch.randint(0, tr.tokenizer.vocab_size, (1, n_prompt), device=tr.device)
         rates = {}
@@ -660,7 +661,7 @@ def memory_soak(cfg: TrainConfig, samples: int = 20, max_points: int = 4096) -> 
         tr = Trainer(cfg.replace(out=os.path.join(d, "run")), sampler)
         tr.setup()
         tr.fit()
-    return SoakResult(steps, sampler.samples, len(recorder.snapshot()["steps"]), max_points)
+    return SoakResult(steps, sampler.samples, len(recorder.snapshot().steps), max_points)
 
 
 # ------------------------------------------------------------------ report

@@ -11,25 +11,35 @@ from .errors import GptTuiError
 from .model import PRESETS, WEIGHT_INITS, ModelConfig, preset_config
 from .tokenizer import check_tokenizer_name
 
+CHAR_PRESETS = ("tiny", "bigram")
+"""Presets whose ``auto`` tokenizer is char level (the others use GPT-2's BPE)."""
+PRESET_LR = {"bigram": 1e-2, "tiny": 1e-3, "small": 1e-3}
+"""Default peak learning rate by preset; the GPT-2 sizes use :data:`GPT2_LR`."""
+GPT2_LR = 4e-4
+"""Default peak learning rate of the GPT-2 sizes (the book's)."""
+WARMUP_SHARE = 0.05
+"""Default warm-up: this share of the run's steps."""
+MIN_LR_DIVISOR = 10
+"""Default end of the cosine decay: the peak learning rate divided by this."""
+
 
 @dataclass
 class TrainConfig:
     """Everything a training run needs; ``gpt-tui train`` flags map 1:1 onto these fields."""
 
     data: list[str] = field(default_factory=list)
-    """Files, folders or named corpora (``python-docs``, ``the-verdict``, ``tinyshakespeare``).
-    Empty: the embedded default corpus."""
+    """Text, .jsonl(.gz) or .parquet file, folder, glob, or named corpus (``python-docs``,
+    ``the-verdict``, ``tinyshakespeare``: the last two are downloaded once); repeatable."""
     text_field: str = "text"
     """Field holding each document's text in .jsonl/.jsonl.gz records and parquet shards."""
     preset: str = "tiny"
     """Model size: bigram, tiny, small, gpt2, gpt2-medium, gpt2-large, gpt2-xl."""
     tokenizer: str = "auto"
-    """``gpt2`` (BPE, 50,257 ids), ``char`` (one id per character of the corpus), or ``auto``:
-    char for the ``tiny`` and ``bigram`` presets, gpt2 for the others."""
+    """``gpt2`` (BPE, 50,257 ids), ``char`` (one id per character of the corpus), or ``auto``."""
     context: int | None = None
-    """Tokens per training window (default: the preset's context length)."""
+    """Tokens per training window."""
     stride: int | None = None
-    """Distance between window starts (default: the context, i.e. no overlap)."""
+    """Distance between window starts."""
     val_ratio: float = 0.1
     """Fraction of the tokens (at the end of the corpus) held out for validation."""
     batch_size: int = 8
@@ -37,18 +47,17 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches whose gradients are summed before one optimizer step."""
     epochs: int | None = None
-    """Passes over the training windows (default 1 when --max-steps is not given)."""
+    """Passes over the training windows."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (with --epochs: whichever comes first)."""
     lr: float | None = None
-    """Peak learning rate, reached after warm-up (default: 1e-3 for tiny and small, 1e-2 for
-    bigram, 4e-4 as in the book for the GPT-2 sizes)."""
+    """Peak learning rate, reached after warm-up."""
     initial_lr: float = 0.0
     """Learning rate at step 0; warm-up goes linearly from here to --lr."""
     min_lr: float | None = None
-    """Learning rate at the end of the cosine decay (default lr/10; equal to --lr for a constant rate)."""
+    """Learning rate at the end of the cosine decay (equal to --lr for a constant rate)."""
     warmup_steps: int | None = None
-    """Linear warm-up steps (default: 5% of the run)."""
+    """Linear warm-up steps."""
     weight_decay: float = 0.1
     """AdamW weight decay, applied to matrices only."""
     beta1: float = 0.9
@@ -59,11 +68,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 turns clipping off)."""
     dropout: float | None = None
-    """Dropout rate (default: the preset's)."""
+    """Dropout rate."""
     qkv_bias: bool | None = None
-    """Bias on the attention's query/key/value projection (default: the preset's)."""
+    """Bias on the attention's query/key/value projection."""
     tie_weights: bool | None = None
-    """Tie the LM head to the token embedding (default: the preset's)."""
+    """Tie the LM head to the token embedding."""
     n_layer: int | None = None
     """Override the preset's number of layers."""
     n_head: int | None = None
@@ -79,13 +88,14 @@ class TrainConfig:
     eval_batches: int = 10
     """Batches per loss estimate."""
     sample_every: str = "epoch"
-    """``epoch`` for a sample at each epoch end, a number N for every N steps, or ``0`` for none."""
+    """``epoch`` for a sample at each epoch end, a number N for every N steps, or ``0`` for none
+    (the first eval shows one too, so there is text to read early)."""
     prompt: str = "\n"
     """Start context of the periodic samples."""
     sample_tokens: int = 80
     """New tokens in each periodic sample."""
     checkpoint_every: int = 0
-    """Write a checkpoint every N steps (0: only at the end, on pause-save and on stop)."""
+    """Write a checkpoint every N steps."""
     keep_last: int = 3
     """Checkpoints kept besides the best-val one."""
     device: str = "auto"
@@ -95,28 +105,30 @@ class TrainConfig:
     compile: bool = False
     """Compile the model with torch.compile."""
     threads: int | None = None
-    """Torch intra-op threads (default: chosen for the device and the UI)."""
+    """Torch CPU threads."""
     seed: int = 1337
     """Seed of every random stream (data order, init, dropout)."""
     out: str | None = None
-    """Run directory (default: runs/<timestamp>)."""
+    """Run directory."""
     resume: str | None = None
     """Run directory or checkpoint file to continue from."""
     init: str | None = None
     """Checkpoint or GPT-2 weights to start from (weights only; a new run)."""
     spike_factor: float = 0.0
     """Pause (or stop, headless) when the loss exceeds this many times its recent mean (0: off)."""
+    target_val_loss: float | None = None
+    """Pause (dashboard) or stop with a checkpoint (headless) once the val loss is at or below this."""
     max_bad_steps: int = 3
     """Consecutive non-finite steps that pause (or stop) the run."""
     fsdp: bool = False
     """Shard parameters and optimizer state with FSDP under torchrun."""
     # Instruction finetuning (``gpt-tui finetune``, engine.instruct); ignored by ``train``.
     max_length: int | None = None
-    """Longest instruction example in tokens; longer ones are cut (default: the model's context)."""
+    """Longest instruction example in tokens; longer ones are cut."""
     mask_prompt: bool = True
     """Leave the prompt tokens out of the loss, so only the response is learned."""
     test_responses: int | None = None
-    """Test-split records answered at the end into RUN/test_responses.json (default: all; 0: none)."""
+    """Test-split records answered after the final checkpoint into RUN/test_responses.json (0: none)."""
     lora_rank: int = 0
     """Rank of the LoRA adapters (0: full finetuning)."""
     lora_alpha: float = 16.0
@@ -163,16 +175,19 @@ class TrainConfig:
             raise GptTuiError(f"--sample-every must be 'epoch' or a number, got {se!r}", "use --sample-every epoch")
         if self.keep_last < 1:
             raise GptTuiError(f"--keep-last must be at least 1, got {self.keep_last}", "use --keep-last 1 or more")
+        if self.target_val_loss is not None and self.target_val_loss <= 0:
+            raise GptTuiError(f"--target-val-loss must be positive, got {self.target_val_loss}",
+                              "give the val loss to stop at, e.g. --target-val-loss 1.5")
 
     def effective_tokenizer(self) -> str:
         if self.tokenizer != "auto":
             return self.tokenizer
-        return "char" if self.preset in ("tiny", "bigram") else "gpt2"
+        return "char" if self.preset in CHAR_PRESETS else "gpt2"
 
     def peak_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        return {"bigram": 1e-2, "tiny": 1e-3, "small": 1e-3}.get(self.preset, 4e-4)
+        return PRESET_LR.get(self.preset, GPT2_LR)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         return preset_config(
@@ -205,6 +220,25 @@ class TrainConfig:
         return dataclasses.replace(self, **kw)
 
 
+def config_from_settings(flags: dict[str, Any], base: dict[str, Any] | None = None,
+                         defaults: dict[str, Any] | None = None) -> tuple[TrainConfig, frozenset[str]]:
+    """A checked TrainConfig from ``base`` (a TOML file's settings) overlaid with the given ``flags``
+    (None: not given), plus the set of settings given explicitly. ``defaults`` (e.g. finetuning's)
+    apply where nothing was given."""
+    merged: dict[str, Any] = dict(base or {})
+    for k, v in flags.items():
+        if v is None or (k == "data" and not v):
+            continue
+        merged[k] = list(v) if k == "data" else v
+    explicit = frozenset(merged)
+    for k, v in (defaults or {}).items():
+        if k not in explicit and not (k == "epochs" and "max_steps" in explicit):
+            merged[k] = v
+    cfg = TrainConfig.from_dict(merged)
+    cfg.validate()
+    return cfg, explicit
+
+
 def load_toml(path: str) -> dict[str, Any]:
     """Settings from a TOML file (top level, or a ``[train]`` table); keys use _ or -."""
     try:
@@ -228,4 +262,154 @@ SAFE_ON_RESUME = {
     "epochs", "max_steps", "eval_every", "eval_batches", "sample_every", "prompt", "sample_tokens",
     "checkpoint_every", "keep_last", "device", "threads", "out", "resume", "spike_factor",
     "max_bad_steps", "compile", "lr", "min_lr", "grad_clip", "data", "text_field", "fsdp", "test_responses",
+    "target_val_loss",
 }
+
+DEMO_EPOCHS = 3
+"""Epochs of the embedded demo corpus when neither --epochs nor --max-steps is given."""
+
+FINETUNE_DEFAULTS: dict[str, Any] = {
+    "lr": 5e-5, "dropout": 0.0, "epochs": 2, "batch_size": 8, "eval_every": 5, "eval_batches": 5,
+    "sample_tokens": 256, "tokenizer": "gpt2",
+}
+"""Instruction finetuning's defaults where they differ from pretraining (LLMs-from-scratch chapter 7)."""
+LORA_LR = 2e-3
+"""Finetuning's default learning rate with LoRA adapters (they need a larger one than full finetuning)."""
+
+
+def finetune_defaults(lora_rank: int) -> dict[str, Any]:
+    """The defaults of ``gpt-tui finetune`` (with ``--lora-rank R``: the adapters' learning rate)."""
+    d = dict(FINETUNE_DEFAULTS)
+    if lora_rank > 0:
+        d["lr"] = LORA_LR
+    return d
+
+
+# ------------------------------------------------------------------ live changes
+@dataclass
+class LiveChange:
+    """A setting changed while the run trains (``gpt-tui set``, the dashboard)."""
+
+    setting: str
+    """The TrainConfig field."""
+    new: Any
+    old: Any = None
+    step: int = 0
+    """Steps done when it took effect (it applies from step ``step + 1``)."""
+    source: str = "dashboard"
+
+    @property
+    def flag(self) -> str:
+        return self.setting.replace("_", "-")
+
+    def describe(self) -> str:
+        return f"{self.flag} {fmt_setting(self.old)} -> {fmt_setting(self.new)}"
+
+
+def fmt_setting(v: Any) -> str:
+    if v is None:
+        return "off"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) >= 1e-3 else f"{v:.2e}"
+    return str(v)
+
+
+def _number(name: str, raw: str, kind: type, low: float, strict: bool) -> Any:
+    try:
+        v = kind(raw)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise GptTuiError(f"{name} must be {what}, got {raw!r}", f"e.g. {name}={'50' if kind is int else '3e-4'}") from None
+    if v < low or (strict and v == low) or v != v:
+        bound = f"above {low:g}" if strict else f"{low:g} or more"
+        raise GptTuiError(f"{name} must be {bound}, got {raw}", f"give {name} a value {bound}")
+    return v
+
+
+LIVE_SETTINGS: dict[str, str] = {
+    "lr": "peak learning rate (the schedule continues from it); x0.5 scales it",
+    "eval_every": "evaluate every N steps (0: only at the end)",
+    "sample_every": "sample every N steps, or 'epoch', or 0",
+    "grad_clip": "gradient-norm clip (0: off)",
+    "spike_factor": "spike guard: pause/stop when the loss exceeds this x its recent mean (0: off)",
+    "max_bad_steps": "non-finite steps in a row that pause/stop the run",
+    "target_val_loss": "pause/stop once the val loss reaches this ('off' clears it)",
+}
+"""What ``gpt-tui set RUN NAME=VALUE`` and the dashboard may change mid-run (TrainConfig fields)."""
+
+
+def parse_live_change(cfg: TrainConfig, setting: str, value: str) -> Any:
+    """The new value of a live change of ``cfg``, checked; GptTuiError names what is refused."""
+    name = setting.strip().replace("-", "_")
+    flag = name.replace("_", "-")
+    raw = str(value).strip()
+    if name not in LIVE_SETTINGS:
+        known = {f.name for f in fields(TrainConfig)}
+        why = "it cannot change while the run trains" if name in known else "there is no such setting"
+        raise GptTuiError(f"cannot change {flag} live: {why}",
+                          f"settings that can: {', '.join(k.replace('_', '-') for k in LIVE_SETTINGS)}")
+    if name == "lr":
+        if raw.lower().startswith(("x", "*")):
+            return cfg.peak_lr() * _number("the lr factor", raw[1:], float, 0.0, True)
+        return _number(flag, raw, float, 0.0, True)
+    if name in ("eval_every",):
+        return _number(flag, raw, int, 0, False)
+    if name == "max_bad_steps":
+        return _number(flag, raw, int, 1, False)
+    if name == "sample_every":
+        if raw == "epoch":
+            return raw
+        return str(_number(flag, raw, int, 0, False))
+    if name == "target_val_loss":
+        if raw.lower() in ("off", "none", "clear", ""):
+            return None
+        return _number(flag, raw, float, 0.0, True)
+    return _number(flag, raw, float, 0.0, False)  # grad_clip, spike_factor
+
+
+# ------------------------------------------------------------------ defaults, as help shows them
+def default_text(name: str) -> str:
+    """The default of a setting in words, from the values the code uses (``--help`` shows it)."""
+    from .device import cpu_threads_text
+
+    special = {
+        "data": "the embedded python-docs corpus",
+        "tokenizer": f"auto: char for {' and '.join(CHAR_PRESETS)}, gpt2 for the others",
+        "context": "the preset's (" + ", ".join(f"{k} {v['context_length']}" for k, v in PRESETS.items()) + ")",
+        "stride": "the context (no overlap)",
+        "epochs": f"1; {DEMO_EPOCHS} on the embedded demo corpus",
+        "lr": ", ".join(f"{v:g} for {k}" for k, v in PRESET_LR.items()) + f", {GPT2_LR:g} for the GPT-2 sizes",
+        "min_lr": f"lr / {MIN_LR_DIVISOR}",
+        "warmup_steps": f"{WARMUP_SHARE:.0%} of the run",
+        "dropout": "the preset's", "qkv_bias": "the preset's", "tie_weights": "the preset's",
+        "n_layer": "the preset's", "n_head": "the preset's", "n_embd": "the preset's",
+        "threads": cpu_threads_text(),
+        "out": "runs/<timestamp>",
+        "max_length": "the model's context",
+        "test_responses": "as many as fit in a quarter of the training time (at least 20 s)",
+        "max_steps": "none: --epochs decides", "resume": "none", "init": "none", "target_val_loss": "none",
+        "checkpoint_every": "0: at the end, on a stop and on request",
+        "prompt": "a new line",
+    }
+    if name in special:
+        return special[name]
+    default = next(f.default for f in fields(TrainConfig) if f.name == name)
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
+def field_docs() -> dict[str, str]:
+    """Each TrainConfig field's attribute docstring, as one line (the flags' help)."""
+    import ast
+    import inspect
+    import re
+
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for stmt, nxt in zip(body, body[1:], strict=False):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+            docs[stmt.target.id] = re.sub(r"\s+", " ", nxt.value.value.replace("``", "")).strip()
+    return docs

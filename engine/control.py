@@ -1,4 +1,4 @@
-"""A run's control channel: a Unix socket owned by the training process.
+r"""A run's control channel: a Unix socket owned by the training process.
 
 The client side imports no torch, so that shell commands answer quickly.
 
@@ -11,11 +11,16 @@ is one object ``{"ok": true, ...}`` or ``{"ok": false, "error": MESSAGE}``. Comm
 
 ``status``, ``pause``, ``resume``, ``toggle_pause``, ``checkpoint``, ``eval``,
 ``generate`` (``prompt``, ``settings``: SampleSettings fields, ``raw``; replies with the ``id``
-of the GenerateEvents), ``cancel_generation``, ``stop`` (``save``), and ``subscribe``: after its
-reply the connection streams every event the engine emits, one ``{"event": RECORD}`` per line
-(the records of ``metrics.jsonl``, plus streamed generations). Several connections may subscribe.
+of the GenerateEvents), ``cancel_generation``, ``set`` (``setting``, ``value``, ``source``: a live
+change, refused with a reason), ``stop`` (``save``), and ``subscribe``: after its reply the
+connection streams every event the engine emits, one ``{"event": RECORD}`` per line (the records
+of ``metrics.jsonl``, plus streamed generations). Several connections may subscribe.
 
 A socket left by a process that died is detected (nothing accepts on it) and replaced.
+
+Besides the server and its client, this module holds the two other :class:`RunController`\ s:
+:class:`RemoteController` (a run in another process, through its channel) and
+:class:`ReadOnlyController` (a run that has ended), and :func:`open_run`, which picks one.
 """
 
 from __future__ import annotations
@@ -33,19 +38,18 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, fields
 from typing import TYPE_CHECKING, Any
 
 from .errors import GptTuiError
-from .events import Event, MultiSink, read_metrics
+from .events import Event, LogEvent, event_from_record, read_metrics
+from .recorder import Recorder
+from .runs import CONTROL_INFO, FINAL_STATES, SOCKET, RunDir
 
 if TYPE_CHECKING:
+    from .config import LiveChange
     from .sampling import SampleSettings
 
-SOCKET_NAME = "control.sock"
-INFO_NAME = "control.json"
 MAX_SOCKET_PATH = 100  # sun_path holds 104-108 bytes depending on the OS
-FINAL_STATES = ("finished", "stopped", "failed")
 
 
 class ControlError(GptTuiError):
@@ -55,7 +59,7 @@ class ControlError(GptTuiError):
 # ================================================================== locating
 def socket_path_for(run_dir: str) -> str:
     """Where a run's socket goes: in the run directory, or a short private path when that is too long."""
-    p = os.path.join(os.path.abspath(run_dir), SOCKET_NAME)
+    p = RunDir(run_dir).socket
     if len(p.encode()) <= MAX_SOCKET_PATH:
         return p
     d = os.path.join(tempfile.gettempdir(), f"gpt-tui-{os.getuid()}")
@@ -68,7 +72,7 @@ def socket_path_for(run_dir: str) -> str:
 def read_info(run_dir: str) -> dict[str, Any] | None:
     """``RUN/control.json`` (socket path, pid, host) of the process serving the run, if any."""
     try:
-        with open(os.path.join(run_dir, INFO_NAME)) as f:
+        with open(RunDir(run_dir).control_info) as f:
             info = json.load(f)
         return info if isinstance(info, dict) else None
     except (OSError, json.JSONDecodeError):
@@ -76,37 +80,11 @@ def read_info(run_dir: str) -> dict[str, Any] | None:
 
 
 def is_run_dir(run_dir: str) -> bool:
-    return os.path.isdir(run_dir) and (
-        os.path.exists(os.path.join(run_dir, "metrics.jsonl")) or os.path.exists(os.path.join(run_dir, "config.json"))
-    )
+    return RunDir(run_dir).is_run()
 
 
 def last_state(run_dir: str) -> tuple[str | None, int]:
-    """The last recorded state of a run (from metrics.jsonl) and its last step."""
-    state, step = None, 0
-    for rec in read_metrics(os.path.join(run_dir, "metrics.jsonl")):
-        t = rec.get("type")
-        if t == "state":
-            state = rec.get("state")
-        elif t == "failed":
-            state = "failed"
-        elif t == "start":
-            state = "ready"
-        if isinstance(rec.get("step"), int) and t in ("step", "state"):
-            step = rec["step"]
-    return state, step
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return RunDir(run_dir).last_state()
 
 
 # ==================================================================== server
@@ -212,11 +190,11 @@ class ControlServer:
         self._listener = s
         from .checkpoint import write_json_atomic
 
-        write_json_atomic(os.path.join(self.run_dir, INFO_NAME), {
+        write_json_atomic(os.path.join(self.run_dir, CONTROL_INFO), {
             "socket": self.path, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
         })
         threading.Thread(target=self._accept_loop, name="gpt-tui-control", daemon=True).start()
-        self.trainer.sink = MultiSink([self.trainer.sink, self])
+        self.trainer.add_sink(self)
         atexit.register(self.close)
         return self
 
@@ -230,7 +208,7 @@ class ControlServer:
                 self._listener.close()
         info = read_info(self.run_dir) or {}
         if info.get("pid") == os.getpid():
-            for p in (self.path, os.path.join(self.run_dir, INFO_NAME)):
+            for p in (self.path, os.path.join(self.run_dir, CONTROL_INFO)):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(p)
         with self._lock:
@@ -303,8 +281,8 @@ class ControlServer:
         t = self.trainer
         return {
             "ok": True, "pid": os.getpid(), "run_dir": self.run_dir, "state": t.state, "step": t.step,
-            "total_steps": getattr(t, "total_steps", None), "paused": t.paused, "tokens_seen": t.tokens_seen,
-            "world_size": t.world, "last_checkpoint": t.last_checkpoint,
+            "total_steps": t.total_steps, "paused": t.paused, "tokens_seen": t.tokens_seen,
+            "world_size": t.world, "last_checkpoint": t.last_checkpoint, "template": t.template,
         }
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -330,10 +308,15 @@ class ControlServer:
                 prompt = req.get("prompt")
                 if not isinstance(prompt, str):
                     raise ValueError("generate needs a prompt string")
-                settings = settings_from_dict(req.get("settings") or {})
+                from .sampling import SampleSettings
+
+                settings = SampleSettings.from_dict(req.get("settings") or {})
                 return {"ok": True, "id": t.request_generate(prompt, settings, bool(req.get("raw", False)))}
             elif cmd == "cancel_generation":
                 t.cancel_generation()
+            elif cmd == "set":
+                change = t.change(str(req.get("setting", "")), str(req.get("value", "")), str(req.get("source", "shell")))
+                return {"ok": True, "setting": change.setting, "new": change.new}
             elif cmd == "stop":
                 t.stop(save=bool(req.get("save", True)))
             else:
@@ -341,18 +324,8 @@ class ControlServer:
             return self.status()
 
 
-def settings_from_dict(d: dict[str, Any]) -> SampleSettings:
-    from .sampling import SampleSettings
-
-    names = {f.name for f in fields(SampleSettings)}
-    unknown = [k for k in d if k not in names]
-    if unknown:
-        raise ValueError(f"unknown sample setting(s) {', '.join(unknown)}")
-    return SampleSettings(**d)
-
-
 def settings_to_dict(s: SampleSettings | None) -> dict[str, Any]:
-    return asdict(s) if s is not None else {}
+    return s.to_dict() if s is not None else {}
 
 
 def serve(trainer: Any) -> ControlServer | None:
@@ -372,7 +345,7 @@ class ControlClient:
 
     def socket_path(self) -> str:
         info = read_info(self.run_dir) or {}
-        return info.get("socket") or os.path.join(self.run_dir, SOCKET_NAME)
+        return info.get("socket") or os.path.join(self.run_dir, SOCKET)
 
     def connect(self) -> socket.socket:
         """A connected socket, or a ControlError saying why there is no live run to talk to."""
@@ -415,7 +388,7 @@ class ControlClient:
         with contextlib.closing(self.connect()) as s:
             reply = _LineReader(s).request(cmd, args)
         if not reply.get("ok"):
-            raise ControlError(f"the run refused {cmd}: {reply.get('error', 'no reason given')}")
+            raise ControlError(f"the run refused {cmd}: {reply.get('error', 'no reason given')}", exit_code=1)
         return reply
 
     def subscribe(self) -> EventStream:
@@ -506,3 +479,165 @@ class EventStream:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+
+
+# ================================================================ controllers
+def _key(rec: dict[str, Any]) -> tuple[Any, ...]:
+    return rec.get("type"), rec.get("time"), rec.get("step")
+
+
+def load_history(run_dir: str, recorder: Recorder) -> set[tuple[Any, ...]]:
+    """Feed the records of ``RUN/metrics.jsonl`` to ``recorder``; returns their keys (to skip repeats)."""
+    seen = set()
+    for rec in read_metrics(RunDir(run_dir).metrics):
+        event = event_from_record(rec)
+        if event is not None:
+            recorder.emit(event)
+            seen.add(_key(rec))
+    return seen
+
+
+class RemoteController:
+    """The :class:`engine.commands.RunController` of a run in another process (through its channel).
+
+    :meth:`start` rebuilds the history into ``recorder`` and starts a thread that feeds it the
+    live events; ``connected`` turns False when the run's process goes away. Closing it
+    (:meth:`close`) leaves the run going.
+    """
+
+    controls = True
+
+    def __init__(self, run_dir: str, recorder: Recorder | None = None) -> None:
+        self.run_dir = os.path.abspath(run_dir)
+        self.recorder = recorder or Recorder()
+        self.client = ControlClient(self.run_dir)
+        self.connected = False
+        self.template: str | None = None
+        self._paused = False
+        self._stream: EventStream | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> RemoteController:
+        """Subscribe, load the history, then follow live (raises ControlError when the run is not live)."""
+        self._stream = self.client.subscribe()  # first, so no event falls between history and live
+        self._paused = bool(self._stream.status.get("paused"))
+        self.template = self._stream.status.get("template")
+        seen = load_history(self.run_dir, self.recorder)
+        self.connected = True
+        self._thread = threading.Thread(target=self._follow, args=(self._stream, seen), name="gpt-tui-attach",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def _follow(self, stream: EventStream, seen: set[tuple[Any, ...]]) -> None:
+        for rec in stream:
+            if _key(rec) in seen:
+                continue
+            event = event_from_record(rec)
+            if event is None:
+                continue
+            if rec.get("type") == "state":
+                self._paused = rec.get("state") == "paused"
+            self.recorder.emit(event)
+        if self.connected:
+            self.connected = False
+            if self.recorder.state not in FINAL_STATES:
+                self.recorder.emit(LogEvent(level="warning", message=(
+                    "the run's process closed the control channel; "
+                    f"if it died, continue it with gpt-tui train --resume {self.run_dir}")))
+
+    def close(self) -> None:
+        """Stop following (the run keeps training)."""
+        self.connected = False
+        if self._stream is not None:
+            self._stream.close()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def toggle_pause(self) -> bool:
+        self._paused = bool(self.client.call("toggle_pause")["paused"])
+        return self._paused
+
+    def pause(self) -> None:
+        self.client.call("pause")
+
+    def resume(self) -> None:
+        self.client.call("resume")
+
+    def request_checkpoint(self) -> None:
+        self.client.call("checkpoint")
+
+    def request_eval(self) -> None:
+        self.client.call("eval")
+
+    def request_generate(self, prompt: str, settings: SampleSettings | None = None, raw: bool = False) -> int:
+        return int(self.client.call("generate", prompt=prompt, settings=settings_to_dict(settings), raw=raw)["id"])
+
+    def cancel_generation(self) -> None:
+        self.client.call("cancel_generation")
+
+    def change(self, setting: str, value: str, source: str = "dashboard") -> LiveChange:
+        from .config import LiveChange
+
+        try:
+            reply = self.client.call("set", setting=setting, value=value, source=source)
+        except ControlError as e:  # the run's own reason, without the channel's wrapping
+            raise GptTuiError(e.problem.split(": ", 1)[-1], e.fix) from None
+        return LiveChange(reply["setting"], reply["new"], source=source)
+
+    def stop(self, save: bool = True) -> None:
+        self.client.call("stop", save=save)
+
+
+class ReadOnlyController:
+    """The controller of a run that has ended: nothing to command (the dashboard shows it read-only)."""
+
+    paused = False
+    connected = False
+    controls = False
+    template = None
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = os.path.abspath(run_dir)
+
+    def _refuse(self, *args: Any, **kw: Any) -> Any:
+        raise ControlError(f"run {self.run_dir} has ended; it is shown read-only",
+                           f"continue it with gpt-tui train --resume {self.run_dir}")
+
+    pause = resume = toggle_pause = request_checkpoint = request_eval = request_generate = _refuse
+    cancel_generation = change = stop = _refuse
+
+    def close(self) -> None:
+        pass
+
+
+def open_run(run_dir: str) -> tuple[RemoteController | ReadOnlyController, Recorder, bool]:
+    """(controller, recorder, read_only) for a run directory; ControlError when there is nothing to show."""
+    run_dir = os.path.abspath(run_dir)
+    if not is_run_dir(run_dir):
+        raise ControlError(f"{run_dir} is not a gpt-tui run directory (no metrics.jsonl or config.json)",
+                           "give the directory a `gpt-tui train` run writes to (its --out)")
+    recorder = Recorder()
+    try:
+        return RemoteController(run_dir, recorder).start(), recorder, False
+    except ControlError:
+        state, _ = last_state(run_dir)
+        if state not in FINAL_STATES:
+            raise  # the process died mid-run: the error offers --resume
+    load_history(run_dir, recorder)
+    return ReadOnlyController(run_dir), recorder, True
+
+
+def refuse_live_run(run_dir: str | None) -> None:
+    """Fail when another process is training into ``run_dir``."""
+    if run_dir is None or not is_run_dir(run_dir):
+        return
+    try:
+        st = ControlClient(run_dir, timeout=2.0).call("status")
+    except ControlError:
+        return
+    raise ControlError(f"run {run_dir} is already being trained by process {st['pid']}",
+                       f"attach with gpt-tui attach {run_dir}, stop it with gpt-tui stop {run_dir}, "
+                       "or choose another --out")

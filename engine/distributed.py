@@ -23,24 +23,24 @@ checkpoint from N ranks continues on M ranks where it left off.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import datetime
 import os
-import queue
 import random
 import re
 import sys
-import threading
-import time
-import types
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .errors import GptTuiError
+from .commands import LocalCommands
+from .errors import GptTuiError, RankLostError
+from .model import GPT
+from .runs import new_run_path, run_dir_of_config
+from .strategy import Strategy
 
 # How long a rank may wait for rank 0 in a command exchange or the data barrier (tokenizing a
 # large corpus, writing a large checkpoint, a long generation): much longer than NCCL's 10 minutes.
@@ -51,27 +51,48 @@ _PEER_ERRORS = ("connection closed by peer", "connection reset by peer", "broken
                 "nccl", "gloo", "timed out", "timeout", "connection refused", "peer")
 
 
-class RankLostError(GptTuiError):
-    """Another process of the torchrun job is gone."""
-
-
 def world_from_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) as torchrun sets them."""
     return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
             int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init_distributed(trainer: Any) -> None:
-    """Join torchrun's process group and make ``trainer`` a rank of it.
+@dataclass
+class DistContext:
+    """This process's place in a torchrun job."""
 
-    Sets ``trainer.rank``, ``trainer.world`` and ``trainer.is_main``; agrees on the run directory;
-    sends the stdout/stderr of ranks other than 0 to ``RUN/rank-N.log``; replaces the trainer's
-    command state with :class:`DistCommands` so every rank acts on rank 0's commands.
-    """
+    rank: int
+    world: int
+    local_rank: int
+    group: Any
+    """A gloo group for commands and barriers (never times out on a slow rank 0)."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (tokenizing into the shared cache), then the others."""
+        if not self.is_main:
+            dist.barrier(group=self.group)
+        yield
+        if self.is_main:
+            dist.barrier(group=self.group)
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one rank of several (torchrun sets WORLD_SIZE)."""
+    return world_from_env()[1] > 1
+
+
+def init_distributed(cfg: Any) -> tuple[DistContext, str | None]:
+    """Join torchrun's process group and agree on the run directory (returned: the ``--out`` every
+    rank uses); the stdout/stderr of ranks other than 0 go to ``RUN/rank-N.log``."""
     from .device import resolve_device
 
     rank, world, local_rank = world_from_env()
-    device = resolve_device(trainer.cfg.device)
+    device = resolve_device(cfg.device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
@@ -83,29 +104,35 @@ def init_distributed(trainer: Any) -> None:
                 f"could not join the torchrun job as rank {rank} of {world} ({type(e).__name__}: {str(e)[:160]})",
                 "check torchrun's --nnodes/--node-rank/--rdzv-endpoint (or --master-addr/--master-port)",
             ) from None
-    trainer.rank, trainer.world, trainer.is_main = rank, world, rank == 0
-    trainer._dist_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-    cfg = trainer.cfg
-    if not cfg.out and not cfg.resume:
+    ctx = DistContext(rank, world, local_rank, dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT))
+    out = cfg.out
+    if not out and not cfg.resume:
         # One run directory for all ranks (each would otherwise stamp its own time).
-        name = [os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))]
-        dist.broadcast_object_list(name, src=0, group=trainer._dist_group)
-        cfg.out = name[0]
+        name = [new_run_path()]
+        dist.broadcast_object_list(name, src=0, group=ctx.group)
+        out = name[0]
     if rank != 0:
-        redirect_output(os.path.join(_run_dir(cfg), f"rank-{rank}.log"))
-    trainer._cmd = DistCommands(trainer)
-    _wrap_collective_errors(trainer)
-    atexit.register(_shutdown, trainer)
+        redirect_output(os.path.join(run_dir_of_config(out, cfg.resume) or ".", f"rank-{rank}.log"))
+    return ctx, out
 
 
-def _run_dir(cfg: Any) -> str:
-    """The run directory this config trains into (as ``Trainer.setup`` works it out)."""
-    if cfg.out:
-        return os.path.abspath(cfg.out)
-    from .checkpoint import resolve_checkpoint
+def join(cfg: Any) -> tuple[Any, DistContext, DistCommands, Strategy]:
+    """Under torchrun: ``cfg`` with the agreed run directory, the context, the agreed commands and
+    the parallel strategy (DDP, or FSDP with ``--fsdp``, around plain or LoRA)."""
+    from .strategy import strategy_for
 
-    path = resolve_checkpoint(cfg.resume)
-    return os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    ctx, out = init_distributed(cfg)
+    cfg = cfg.replace(out=out)
+    inner = strategy_for(cfg)
+    strategy = FSDPStrategy(inner, ctx) if cfg.fsdp else DDPStrategy(inner, ctx)
+    return cfg, ctx, DistCommands(ctx, fsdp=cfg.fsdp), strategy
+
+
+def leave() -> None:
+    """Leave the job after a clean end (with a lost peer, tearing NCCL down can block: not then)."""
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 def redirect_output(path: str) -> None:
@@ -121,58 +148,6 @@ def redirect_output(path: str) -> None:
     sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
 
 
-def _shutdown(trainer: Any) -> None:
-    # Only after a clean end: with a lost peer, tearing down NCCL can block.
-    if dist.is_initialized() and trainer.state in ("finished", "stopped"):
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def main_first(trainer: Any) -> Iterator[None]:
-    """Rank 0 runs the block first (tokenizing into the shared cache), then the others."""
-    group = getattr(trainer, "_dist_group", None)
-    if trainer.world > 1 and group is not None and not trainer.is_main:
-        dist.barrier(group=group)
-    yield
-    if trainer.world > 1 and group is not None and trainer.is_main:
-        dist.barrier(group=group)
-
-
-def keep_global_batch(cfg: Any, saved_world: int, world: int) -> list[str]:
-    """Rescale ``cfg`` so that ``batch_size * grad_accum * world`` equals the checkpoint's.
-
-    The per-rank micro-batch is kept where gradient accumulation can take up the difference,
-    else the micro-batch changes. Returns a note per change (shown as "changed on resume").
-    """
-    if saved_world == world:
-        return []
-    total = cfg.batch_size * cfg.grad_accum * saved_world
-    old = (cfg.batch_size, cfg.grad_accum)
-    if total % (cfg.batch_size * world) == 0:
-        cfg.grad_accum = total // (cfg.batch_size * world)
-    elif total % (cfg.grad_accum * world) == 0:
-        cfg.batch_size = total // (cfg.grad_accum * world)
-    elif total % world == 0:
-        cfg.batch_size, cfg.grad_accum = total // world, 1
-    else:
-        return [f"global batch: {total} -> {cfg.batch_size * cfg.grad_accum * world} windows "
-                f"({saved_world} -> {world} ranks; {total} does not divide among {world})"]
-    notes = []
-    for name, before in zip(("batch_size", "grad_accum"), old, strict=True):
-        after = getattr(cfg, name)
-        if after != before:
-            notes.append(f"{name}: {before} -> {after} (global batch of {total} kept on {world} rank(s) instead of {saved_world})")
-    return notes
-
-
-def all_reduce_mean(t: torch.Tensor) -> float:
-    """The mean of a scalar over all ranks."""
-    t = t.detach().clone().float()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t) / dist.get_world_size()
-
-
 # ============================================================== collective faults
 def is_peer_failure(e: BaseException) -> bool:
     """Whether an exception looks like a collective that failed because a peer is gone."""
@@ -184,137 +159,76 @@ def is_peer_failure(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(s in msg for s in _PEER_ERRORS)
 
 
-def rank_lost(trainer: Any, e: BaseException) -> RankLostError:
-    """The one-line error for a lost peer, naming the last checkpoint and how to resume."""
+def rank_lost(ctx: DistContext, e: BaseException) -> RankLostError:
+    """The one-line error for a lost peer (the trainer adds the step and the last checkpoint)."""
     first = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [""])[0])  # gloo's source location
     first = first.split(". ")[0][:120]
-    run_dir = getattr(trainer, "run_dir", None) or "the run directory"
-    last = trainer.last_checkpoint or "none written yet"
     return RankLostError(
-        f"rank {trainer.rank}: lost contact with another process of the torchrun job at step {trainer.step} "
-        f"({type(e).__name__}: {first}); last checkpoint: {last}",
-        f"see torchrun's report and {run_dir}/rank-*.log, then continue with --resume {run_dir}",
-        exit_code=1,
-    )
-
-
-def _wrap_collective_errors(trainer: Any) -> None:
-    """Turn a peer's death during a training step into :class:`RankLostError`."""
-    step = trainer.train_step
-
-    def train_step(*args: Any, **kw: Any) -> Any:
-        try:
-            return step(*args, **kw)
-        except Exception as e:
-            if is_peer_failure(e):
-                raise rank_lost(trainer, e) from e
-            raise
-
-    trainer.train_step = train_step
+        f"rank {ctx.rank}: lost contact with another process of the torchrun job ({type(e).__name__}: {first})",
+        "see torchrun's report and RUN/rank-*.log, then continue with --resume RUN")
 
 
 # ============================================================ agreed commands
-class _AgreedFlag:
-    """A flag set from any thread (requested) whose value the engine reads only as agreed by all ranks."""
+class DistCommands(LocalCommands):
+    """The trainer's commands under torchrun: requests on any rank, acted on as all ranks agree.
 
-    def __init__(self) -> None:
-        self.requested = False
-        self.agreed = False
-
-    def set(self) -> None:
-        self.requested = True
-
-    def clear(self) -> None:
-        self.requested = False
-
-    def is_set(self) -> bool:
-        return self.agreed
-
-
-class _AgreedQueue:
-    """Commands put from any thread; the engine gets only those handed out by an exchange."""
-
-    def __init__(self) -> None:
-        self.pending: queue.Queue = queue.Queue()
-        self.agreed: queue.Queue = queue.Queue()
-
-    def put(self, item: Any) -> None:
-        self.pending.put(item)
-
-    def get_nowait(self) -> Any:
-        return self.agreed.get_nowait()
-
-    def take_pending(self) -> list[Any]:
-        out = []
-        while True:
-            try:
-                out.append(self.pending.get_nowait())
-            except queue.Empty:
-                return out
-
-
-class _SyncedFlag(threading.Event):
-    """An event whose ``is_set`` is agreed among the ranks (a collective: all ranks call it together).
-
-    Used for cancelling a generation under FSDP, where every rank runs the same generation.
+    The controller side (pause, stop, queued commands) records requests; :meth:`exchange`, called
+    by every rank at every step boundary and while paused, turns rank 0's requests, and a stop
+    asked of any rank, into the flags and commands that all ranks act on.
     """
 
-    def __init__(self, group: Any) -> None:
+    def __init__(self, ctx: DistContext, fsdp: bool = False) -> None:
         super().__init__()
-        self.group = group
-
-    def is_set(self) -> bool:
-        t = torch.tensor([1 if super().is_set() else 0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item())
-
-
-class DistCommands:
-    """The trainer's command state under torchrun (drop-in for ``Trainer._cmd``).
-
-    ``pause``/``stop``/``queue`` record requests; :meth:`exchange` (called by every rank at every
-    step boundary and while paused, via ``Trainer.sync_commands``) turns rank 0's requests, and a
-    stop asked of any rank, into the agreed flags and commands that all ranks act on.
-    """
-
-    def __init__(self, trainer: Any) -> None:
-        self.trainer = trainer
-        self.group = trainer._dist_group
-        self.queue = _AgreedQueue()
-        self.paused = _AgreedFlag()
-        self.stop = _AgreedFlag()
-        self.cancel_generation: threading.Event = threading.Event()
+        self.ctx, self.fsdp = ctx, fsdp
+        self._agreed: list[tuple[str, Any]] = []
+        self._agreed_paused = self._agreed_stop = False
+        self._agreed_save = True
 
     def exchange(self) -> None:
         """One round: agree on pause, stop (and whether to save) and rank 0's commands."""
-        t = self.trainer
-        cmds = self.queue.take_pending() if t.is_main else []
-        stop_code = 0
-        if self.stop.requested:
-            stop_code = 1 if getattr(t, "_stop_save", True) else 2
-        flags = torch.tensor([int(t.is_main and self.paused.requested), stop_code, len(cmds)], dtype=torch.int64)
+        ctx = self.ctx
+        cmds = super().take() if ctx.is_main else []
+        stop_code = (1 if self._save else 2) if self._stop.is_set() else 0
+        flags = torch.tensor([int(ctx.is_main and self._paused.is_set()), stop_code, len(cmds)], dtype=torch.int64)
         try:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=ctx.group)
             if int(flags[2]):
-                if t.is_main:
-                    cmds = [_shareable(c) for c in cmds]
-                box = [cmds]
-                dist.broadcast_object_list(box, src=0, group=self.group)
+                box = [[_shareable(c) for c in cmds] if ctx.is_main else []]
+                dist.broadcast_object_list(box, src=0, group=ctx.group)
                 cmds = box[0]
         except Exception as e:
             if is_peer_failure(e):
-                raise rank_lost(t, e) from e
+                raise rank_lost(ctx, e) from e
             raise
         paused, stop, _ = (int(v) for v in flags)
-        self.paused.agreed = bool(paused)
-        if stop and not self.stop.agreed:
-            self.stop.agreed = True
-            t._stop_save = stop == 1
-        fsdp = getattr(t, "fsdp", False)
+        self._agreed_paused = bool(paused)
+        if stop and not self._agreed_stop:
+            self._agreed_stop, self._agreed_save = True, stop == 1
         for kind, arg in cmds:
-            if kind == "generate" and not t.is_main and not fsdp:
+            if kind == "generate" and not ctx.is_main and not self.fsdp:
                 continue  # DDP: rank 0 generates from its own replica
-            self.queue.agreed.put((kind, arg))
+            self._agreed.append((kind, arg))
+
+    def take(self) -> list[tuple[str, Any]]:
+        out, self._agreed = self._agreed, []
+        return out
+
+    def is_paused(self) -> bool:
+        return self._agreed_paused
+
+    def stop_requested(self) -> bool:
+        return self._agreed_stop
+
+    def save_on_stop(self) -> bool:
+        return self._agreed_save
+
+    def generation_cancelled(self) -> bool:
+        """Under FSDP every rank runs the generation, so they agree on its cancelling (a collective)."""
+        if not self.fsdp:
+            return super().generation_cancelled()
+        t = torch.tensor([int(super().generation_cancelled())])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ctx.group)
+        return bool(t.item())
 
 
 def _shareable(cmd: tuple[str, Any]) -> tuple[str, Any]:
@@ -326,43 +240,119 @@ def _shareable(cmd: tuple[str, Any]) -> tuple[str, Any]:
 
 
 # ==================================================================== models
-def wrap_model(trainer: Any, model: torch.nn.Module) -> torch.nn.Module:
-    """DDP (or FSDP with ``--fsdp``) around the model; the trainer keeps ``model_ref`` for its state."""
-    if trainer.cfg.fsdp:
-        return _wrap_fsdp(trainer, model)
-    from torch.nn.parallel import DistributedDataParallel as DDP
+class DDPStrategy(Strategy):
+    """Data parallel: each rank a full replica (DistributedDataParallel); weights and optimizer as ``inner``'s."""
 
-    device = trainer.device
-    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return DDP(model, device_ids=ids)
+    def __init__(self, inner: Strategy, ctx: DistContext) -> None:
+        self.inner, self.ctx = inner, ctx
+        self.kind = inner.kind
+
+    def prepare(self, model: GPT, resume: Any, log: Any) -> GPT:
+        return self.inner.prepare(model, resume, log)
+
+    def wrap(self, model: GPT, device: torch.device) -> torch.nn.Module:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+        return DDP(model, device_ids=ids)
+
+    def no_sync(self, module: torch.nn.Module, last_micro: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if last_micro else module.no_sync()
+
+    def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        t = value.detach().clone().float()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t / self.ctx.world
+
+    def model_state(self, model: GPT) -> dict[str, torch.Tensor]:
+        return self.inner.model_state(model)
+
+    def mismatch(self, model: GPT, state: dict[str, torch.Tensor]) -> list[str]:
+        return self.inner.mismatch(model, state)
+
+    def load_model_state(self, model: GPT, state: dict[str, torch.Tensor]) -> None:
+        self.inner.load_model_state(model, state)
+
+    def optimizer_state(self, model: GPT, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return self.inner.optimizer_state(model, optimizer)
+
+    def load_optimizer_state(self, model: GPT, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        self.inner.load_optimizer_state(model, optimizer, state)
+
+    def lora_info(self) -> dict[str, Any] | None:
+        return self.inner.lora_info()
+
+    def translate_error(self, error: BaseException) -> Exception | None:
+        return rank_lost(self.ctx, error) if is_peer_failure(error) else None
 
 
-def _wrap_fsdp(trainer: Any, model: torch.nn.Module) -> torch.nn.Module:
-    """Shard each transformer block and the rest of the model (PyTorch's FSDP2, ``fully_shard``)."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+class FSDPStrategy(DDPStrategy):
+    """Fully sharded (PyTorch's FSDP2): each rank holds a shard; checkpoints gather the full model
+    and optimizer state to rank 0, the optimizer's in the plain ``torch.optim`` layout."""
 
-    for block in getattr(model, "blocks", []):
-        fully_shard(block)
-    fully_shard(model)
-    if hasattr(model, "hidden"):
-        register_fsdp_forward_method(model, "hidden")  # generation calls hidden() directly
-    trainer.fsdp = True
-    trainer._cmd.cancel_generation = _SyncedFlag(trainer._dist_group)
+    def wrap(self, model: GPT, device: torch.device) -> torch.nn.Module:
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        for block in getattr(model, "blocks", []):
+            fully_shard(block)
+        fully_shard(model)
+        if hasattr(model, "hidden"):
+            register_fsdp_forward_method(model, "hidden")  # generation calls hidden() directly
+        return model
+
+    def plain(self, value: torch.Tensor) -> torch.Tensor:
+        return value.full_tensor() if hasattr(value, "full_tensor") else value
 
     @contextlib.contextmanager
-    def no_sync() -> Iterator[None]:
-        model.set_requires_gradient_sync(False)
+    def no_sync(self, module: torch.nn.Module, last_micro: bool) -> Iterator[None]:
+        module.set_requires_gradient_sync(last_micro)
         try:
             yield
         finally:
-            model.set_requires_gradient_sync(True)
+            module.set_requires_gradient_sync(True)
 
-    model.no_sync = no_sync  # the trainer skips gradient reduction on inner micro-steps with it
-    trainer.model_state = types.MethodType(_fsdp_model_state, trainer)
-    trainer.load_model_state = types.MethodType(_fsdp_load_model_state, trainer)
-    trainer.optimizer_state = types.MethodType(_fsdp_optimizer_state, trainer)
-    trainer.load_optimizer_state = types.MethodType(_fsdp_load_optimizer_state, trainer)
-    return model
+    def model_state(self, model: GPT) -> dict[str, torch.Tensor]:
+        """The full model state on rank 0 (every rank must call), with every name a plain model has."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        full = get_model_state_dict(model, options=_full_options(cpu_offload=True))
+        if not self.ctx.is_main:
+            return {}
+        # Tied weights may come back under one name only; a plain state_dict has both.
+        by_param: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if name in full:
+                by_param.setdefault(id(p), name)
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if name not in full and id(p) in by_param:
+                full[name] = full[by_param[id(p)]]
+        return full
+
+    def load_model_state(self, model: GPT, state: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, state, options=_full_options())
+
+    def optimizer_state(self, model: GPT, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The full optimizer state on rank 0 in the plain ``torch.optim`` layout (ids, not names)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        full = get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
+        if not self.ctx.is_main:
+            return {}
+        index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
+        groups = [dict(g, params=[index[n] for n in g["params"]]) for g in full["param_groups"]]
+        return {"state": {index[n]: s for n, s in full["state"].items()}, "param_groups": groups}
+
+    def load_optimizer_state(self, model: GPT, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        names = _param_names(model, optimizer)
+        named = {
+            "state": {names[int(i)]: s for i, s in state["state"].items()},
+            "param_groups": [dict(g, params=[names[int(i)] for i in g["params"]]) for g in state["param_groups"]],
+        }
+        set_optimizer_state_dict(model, optimizer, named, options=_full_options())
 
 
 def _full_options(**kw: Any) -> Any:
@@ -371,54 +361,7 @@ def _full_options(**kw: Any) -> Any:
     return StateDictOptions(full_state_dict=True, **kw)
 
 
-def _fsdp_model_state(self: Any) -> dict[str, torch.Tensor]:
-    """The full model state on rank 0 (every rank must call), with every name a plain model has."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    full = get_model_state_dict(self.model_ref, options=_full_options(cpu_offload=True))
-    if not self.is_main:
-        return {}
-    # Tied weights may come back under one name only; a plain state_dict has both.
-    by_param: dict[int, str] = {}
-    for name, p in self.model_ref.named_parameters(remove_duplicate=False):
-        if name in full:
-            by_param.setdefault(id(p), name)
-    for name, p in self.model_ref.named_parameters(remove_duplicate=False):
-        if name not in full and id(p) in by_param:
-            full[name] = full[by_param[id(p)]]
-    return full
-
-
-def _fsdp_load_model_state(self: Any, state: dict[str, torch.Tensor]) -> None:
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-    set_model_state_dict(self.model_ref, state, options=_full_options())
-
-
-def _param_names(trainer: Any) -> list[str]:
+def _param_names(model: GPT, optimizer: torch.optim.Optimizer) -> list[str]:
     """Parameter names in the order of the optimizer's groups (the plain state dict's numbering)."""
-    names = {id(p): n for n, p in trainer.model_ref.named_parameters()}
-    return [names[id(p)] for g in trainer.optimizer.param_groups for p in g["params"]]
-
-
-def _fsdp_optimizer_state(self: Any) -> dict:
-    """The full optimizer state on rank 0 in the plain ``torch.optim`` layout (ids, not names)."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    full = get_optimizer_state_dict(self.model_ref, self.optimizer, options=_full_options(cpu_offload=True))
-    if not self.is_main:
-        return {}
-    index = {n: i for i, n in enumerate(_param_names(self))}
-    groups = [dict(g, params=[index[n] for n in g["params"]]) for g in full["param_groups"]]
-    return {"state": {index[n]: s for n, s in full["state"].items()}, "param_groups": groups}
-
-
-def _fsdp_load_optimizer_state(self: Any, state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-    names = _param_names(self)
-    named = {
-        "state": {names[int(i)]: s for i, s in state["state"].items()},
-        "param_groups": [dict(g, params=[names[int(i)] for i in g["params"]]) for g in state["param_groups"]],
-    }
-    set_optimizer_state_dict(self.model_ref, self.optimizer, named, options=_full_options())
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]

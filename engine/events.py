@@ -1,8 +1,8 @@
 """Typed events the engine reports, and the sinks that receive them.
 
 The engine calls ``sink.emit(event)`` from its own thread. A sink must return quickly and
-never block: the dashboard's sink (:class:`Recorder`) only appends to bounded buffers that
-the UI reads a few times a second. ``to_record`` gives the JSON form written to
+never block: the dashboard's sink (:class:`engine.recorder.Recorder`) only appends to bounded
+buffers that the UI reads a few times a second. ``to_record`` gives the JSON form written to
 ``metrics.jsonl`` (every line an object with a ``type``).
 """
 
@@ -12,7 +12,6 @@ import json
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Protocol
@@ -21,6 +20,8 @@ from typing import Any, ClassVar, Protocol
 @dataclass
 class Event:
     type: ClassVar[str] = "event"
+    persisted: ClassVar[bool] = True
+    """Written to metrics.jsonl (streamed generation tokens are not)."""
     time: float = field(default_factory=time.time, kw_only=True)
 
     def to_record(self) -> dict[str, Any]:
@@ -47,6 +48,10 @@ class RunStarted(Event):
     n_trainable: int = 0
     world_size: int = 1
     note: str = ""
+    resumed_changes: int = 0
+    """Live changes the resumed checkpoint already held (the history before them is this branch's)."""
+    replayed: list[dict] = field(default_factory=list)
+    """Live changes recorded after the resumed checkpoint, applied again at their steps."""
 
 
 @dataclass
@@ -63,6 +68,10 @@ class StepEvent(Event):
     mfu: float | None = None
     memory_mb: float | None = None
     skipped: bool = False
+    data_time: float = 0.0
+    """Seconds of the step spent waiting for its batches."""
+    end_phase_s: float = 0.0
+    """About how long the work after the last step will take (test responses), for ETAs."""
 
 
 @dataclass
@@ -72,6 +81,8 @@ class EvalEvent(Event):
     train_loss: float
     val_loss: float
     tokens_seen: int = 0
+    val_bpb: float | None = None
+    """Val loss in bits per byte of text (comparable across tokenizers)."""
 
 
 @dataclass
@@ -107,11 +118,28 @@ class GenerateEvent(Event):
     """Tokens streamed from a live-weights generation (``done`` on the last one)."""
 
     type: ClassVar[str] = "generate"
+    persisted: ClassVar[bool] = False
     request_id: int
     text: str
     prompt: str = ""
     done: bool = False
     tokens_per_sec: float = 0.0
+    error: str | None = None
+    """Why the generation could not run (with ``done``)."""
+    note: str | None = None
+    """Said once, first: e.g. the prompt was cut to the context."""
+
+
+@dataclass
+class ChangeEvent(Event):
+    """A setting changed while the run trains; it applies from step ``step + 1``."""
+
+    type: ClassVar[str] = "change"
+    step: int
+    setting: str
+    old: Any
+    new: Any
+    source: str = "dashboard"
 
 
 @dataclass
@@ -150,10 +178,6 @@ class NullSink:
         pass
 
 
-# Events written to metrics.jsonl (streamed generation tokens are not).
-PERSISTED = {"start", "step", "eval", "sample", "checkpoint", "state", "log", "failed"}
-
-
 class MetricsWriter:
     """Appends events as JSON lines to ``metrics.jsonl``, line-buffered."""
 
@@ -164,7 +188,7 @@ class MetricsWriter:
         self._lock = threading.Lock()
 
     def emit(self, event: Event) -> None:
-        if event.type not in PERSISTED:
+        if not event.persisted:
             return
         line = json.dumps(event.to_record(), ensure_ascii=False)
         with self._lock:
@@ -194,95 +218,15 @@ def read_metrics(path: str) -> list[dict]:
     return out
 
 
-class Recorder:
-    """Bounded, thread-safe store of events for a UI to poll.
-
-    The engine thread appends (O(1), a lock held for microseconds); the UI calls
-    :meth:`snapshot` a few times a second. Step history is kept at full resolution up to
-    ``max_points`` and then thinned by half (every other point dropped), so memory stays
-    flat over any number of steps while the chart keeps the whole run's shape.
-    """
-
-    def __init__(self, max_points: int = 4096, max_samples: int = 500) -> None:
-        self._lock = threading.Lock()
-        self.max_points = max_points
-        self.steps: list[tuple[int, int, float, float]] = []  # step, tokens_seen, loss, lr
-        self._stride = 1
-        self._pending_step: int = 0
-        self.evals: deque[EvalEvent] = deque(maxlen=max_points)
-        self.samples: deque[SampleEvent] = deque(maxlen=max_samples)
-        self.logs: deque[LogEvent] = deque(maxlen=200)
-        self.generations: dict[int, list[str]] = {}
-        self.generation_done: dict[int, GenerateEvent] = {}
-        self.last_step: StepEvent | None = None
-        self.start: RunStarted | None = None
-        self.state: str = "starting"
-        self.state_message: str = ""
-        self.last_checkpoint: CheckpointEvent | None = None
-        self.failed: FailedEvent | None = None
-        self.version = 0  # bumped on every change, so a UI can skip redraws
-
-    def emit(self, event: Event) -> None:
-        with self._lock:
-            self.version += 1
-            t = event.type
-            if t == "step":
-                self.last_step = event  # type: ignore[assignment]
-                self._pending_step += 1
-                if self._pending_step >= self._stride:
-                    self._pending_step = 0
-                    e: StepEvent = event  # type: ignore[assignment]
-                    self.steps.append((e.step, e.tokens_seen, e.loss, e.lr))
-                    if len(self.steps) >= self.max_points:
-                        self.steps = self.steps[::2]
-                        self._stride *= 2
-            elif t == "eval":
-                self.evals.append(event)  # type: ignore[arg-type]
-            elif t == "sample":
-                self.samples.append(event)  # type: ignore[arg-type]
-            elif t == "generate":
-                g: GenerateEvent = event  # type: ignore[assignment]
-                self.generations.setdefault(g.request_id, []).append(g.text)
-                if g.done:
-                    self.generation_done[g.request_id] = g
-            elif t == "checkpoint":
-                self.last_checkpoint = event  # type: ignore[assignment]
-            elif t == "state":
-                s: StateEvent = event  # type: ignore[assignment]
-                self.state, self.state_message = s.state, s.message
-            elif t == "start":
-                self.start = event  # type: ignore[assignment]
-            elif t == "failed":
-                self.failed = event  # type: ignore[assignment]
-                self.state = "failed"
-                self.state_message = event.error  # type: ignore[attr-defined]
-            elif t == "log":
-                self.logs.append(event)  # type: ignore[arg-type]
-
-    def snapshot(self) -> dict[str, Any]:
-        """A consistent copy of everything, cheap enough to take several times a second."""
-        with self._lock:
-            return {
-                "version": self.version,
-                "steps": list(self.steps),
-                "evals": list(self.evals),
-                "samples": list(self.samples),
-                "logs": list(self.logs),
-                "generations": {k: "".join(v) for k, v in self.generations.items()},
-                "generation_done": dict(self.generation_done),
-                "last_step": self.last_step,
-                "start": self.start,
-                "state": self.state,
-                "state_message": self.state_message,
-                "last_checkpoint": self.last_checkpoint,
-                "failed": self.failed,
-            }
+def _event_classes(base: type[Event]) -> list[type[Event]]:
+    out = []
+    for cls in base.__subclasses__():
+        out += [cls, *_event_classes(cls)]
+    return out
 
 
-EVENT_TYPES: dict[str, type[Event]] = {
-    cls.type: cls
-    for cls in (RunStarted, StepEvent, EvalEvent, SampleEvent, CheckpointEvent, StateEvent, GenerateEvent, LogEvent, FailedEvent)
-}
+EVENT_TYPES: dict[str, type[Event]] = {cls.type: cls for cls in _event_classes(Event)}
+"""Every event class by its ``type`` (each subclass of Event is one)."""
 
 
 def event_from_record(rec: dict) -> Event | None:

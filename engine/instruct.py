@@ -3,26 +3,27 @@
 * Records are JSON objects with ``instruction``, ``output`` and (optionally empty) ``input``;
   a file is a JSON list of them (the book's ``instruction-data.json``, the 52k
   ``alpaca_data.json``) or JSON Lines.
-* Each record becomes the Alpaca prompt (:func:`engine.inference.alpaca_prompt`) followed by the
+* Each record becomes the Alpaca prompt (:func:`engine.prompts.alpaca_prompt`) followed by the
   response and one end-of-text token.
 * Split as in the book, in file order: the first 85% train, the next 10% test, the last 5%
   validation (1,100 records -> 935 / 110 / 55).
 * :func:`collate` pads each batch to its longest example with end-of-text (50256); the targets
   are the inputs shifted by one, with -100 (ignored by the loss) on the padding after the first
   end-of-text and, by default, on the prompt tokens; ``max_length`` cuts long examples.
-* :class:`FinetuneTrainer` is the :class:`engine.trainer.Trainer` with this data, samples that
-  answer a few fixed validation instructions beside their expected output, an ``alpaca``
-  template recorded in every checkpoint, test-split responses written at the end, and
-  optional LoRA adapters (:mod:`engine.lora`).
+* :class:`InstructTask` is the task the :class:`engine.trainer.Trainer` runs with this data:
+  samples that answer a few fixed validation instructions beside their expected output, an
+  ``alpaca`` template recorded in every checkpoint, test-split responses written after the final
+  checkpoint; LoRA adapters come from the strategy (:class:`engine.strategy.LoRAStrategy`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,11 +31,15 @@ import torch
 from . import checkpoint as ck
 from .errors import DataError, GptTuiError
 from .events import SampleEvent
-from .inference import alpaca_prompt
-from .model import GPT
-from .sampling import SampleSettings
+from .prompts import alpaca_prompt
+from .sampling import SampleSettings, generate_batch
+from .task import TaskData
 from .tokenizer import GPT2Tokenizer, Tokenizer, tokenizer_from_spec
-from .trainer import Trainer
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+    from .config import TrainConfig
+    from .trainer import Trainer
 
 IGNORE_INDEX = -100
 PAD_ID = 50256  # GPT-2's <|endoftext|>
@@ -221,18 +226,33 @@ class InstructionData:
         return self.n_tokens / max(1, self.train.n_windows)
 
 
-# ------------------------------------------------------------------ trainer
-class FinetuneTrainer(Trainer):
-    """Instruction finetuning (full or LoRA) with the pretraining engine's commands, events and checkpoints."""
+# ------------------------------------------------------------------ the task
+TEST_BATCH = 8
+"""Test records answered together (one batch through the KV cache)."""
+END_PHASE_SHARE = 0.25
+"""By default the test responses stop once they have taken this share of the training time."""
+END_PHASE_MIN_S = 20.0
+"""... but they may always take this long (a few batches), so a short run still writes some."""
 
-    def setup_data(self, resume_ckpt: dict | None) -> None:
-        cfg = self.cfg
+
+class InstructTask:
+    """Instruction finetuning: Alpaca records, samples answering fixed val instructions beside their
+    expected output, the template in every checkpoint, and test responses after the final checkpoint."""
+
+    name = "instruct"
+    template: str | None = TEMPLATE
+
+    def __init__(self) -> None:
+        self.gen_tokens_per_sec: float | None = None  # measured by the samples, for the end phase's ETA
+
+    def setup_data(self, cfg: TrainConfig, resume: Checkpoint | None,
+                   progress: Callable[[int, int], None] | None, log: Callable[[str, str], None]) -> TaskData:
         records = load_records(cfg.data)
-        if resume_ckpt is not None:
-            tok = tokenizer_from_spec(resume_ckpt["tokenizer"])
-            table = int(resume_ckpt["model_config"]["context_length"])
+        if resume is not None:
+            tok = tokenizer_from_spec(resume.tokenizer)
+            table = int(resume.model_config["context_length"])
         elif cfg.init:
-            from .pretrained import init_model_config, init_tokenizer
+            from .weights import init_model_config, init_tokenizer
 
             tok = init_tokenizer(cfg.init)
             table = init_model_config(cfg.init).context_length
@@ -244,111 +264,88 @@ class FinetuneTrainer(Trainer):
         if cfg.max_length is not None and cfg.max_length > table:
             raise GptTuiError(f"--max-length {cfg.max_length} is longer than the model's position table ({table})",
                               f"use --max-length {table} or less")
-        self.tokenizer = tok
-        self.context = cfg.max_length or table
-        self.data = InstructionData(tok, records, self.context, cfg.mask_prompt, cfg.seed)
-        if self.data.dropped:
-            self._log(f"{self.data.dropped} record(s) dropped: their prompt alone fills --max-length "
-                      f"{self.context}", "warning")
-        self.global_batch = cfg.batch_size * self.world
-        self.steps_per_epoch = self.data.steps_per_epoch(self.global_batch * cfg.grad_accum)
-        if self.steps_per_epoch < 1:
-            raise GptTuiError(
-                f"the train split has {self.data.train.n_windows} records, fewer than one step's batch of "
-                f"{self.global_batch * cfg.grad_accum}", "lower --batch-size or --grad-accum, or give more records")
-        self.prompt_template = alpaca_prompt
+        context = cfg.max_length or table
+        data = InstructionData(tok, records, context, cfg.mask_prompt, cfg.seed)
+        if data.dropped:
+            log(f"{data.dropped} record(s) dropped: their prompt alone fills --max-length {context}", "warning")
+        return TaskData(tok, data, context)
 
-    # ------------------------------------------------------------ LoRA hooks
-    @property
-    def lora(self) -> bool:
-        return self.cfg.lora_rank > 0
-
-    def prepare_model(self, model: GPT, resume_ckpt: dict | None) -> GPT:
-        if not self.lora:
-            return model
-        from .lora import apply_lora, count_parameters, load_base
-        from .pretrained import source_identity
-
-        cfg = self.cfg
-        if cfg.fsdp:
-            raise GptTuiError("LoRA adapters are not supported with --fsdp", "drop --fsdp (DDP is used instead)")
-        if resume_ckpt is not None:
-            info = resume_ckpt.get("lora")
-            if resume_ckpt.get("kind") != "lora" or not isinstance(info, dict):
-                raise GptTuiError(f"{resume_ckpt['_path']} holds full weights, not LoRA adapters",
-                                  "resume it without LoRA settings, or start a new LoRA run with --init")
-            model = load_base(info, model.cfg, dropout=model.cfg.dropout)
-            self.lora_base = {"path": info["base"], "sha256": info["base_sha256"], "format": info.get("base_format", "")}
-        else:
-            self.lora_base = source_identity(cfg.init)
-        wrapped = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_layers)
-        trainable, total = count_parameters(model)
-        self._log(f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g} on {len(wrapped)} layers ({cfg.lora_layers}): "
-                  f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
-        return model
-
-    def model_state(self) -> dict[str, torch.Tensor]:
-        if not self.lora:
-            return super().model_state()
-        from .lora import lora_state_dict
-
-        return lora_state_dict(self.model_ref)
-
-    def state_mismatch(self, state: dict[str, torch.Tensor]) -> list[str]:
-        if not self.lora:
-            return super().state_mismatch(state)
-        from .lora import lora_mismatch
-
-        return lora_mismatch(self.model_ref, state)
-
-    def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
-        if not self.lora:
-            return super().load_model_state(state)
-        from .lora import load_lora_state
-
-        load_lora_state(self.model_ref, state)
-
-    def checkpoint_payload(self) -> dict[str, Any]:
-        payload = super().checkpoint_payload()
-        if self.lora:
-            from .lora import lora_info
-
-            cfg = self.cfg
-            payload["kind"] = "lora"
-            payload["lora"] = lora_info(cfg.lora_rank, cfg.lora_alpha, cfg.lora_layers, self.lora_base)
-        return payload
-
-    def checkpoint_extra(self) -> dict[str, Any]:
-        return {"template": TEMPLATE, "mask_prompt": self.cfg.mask_prompt, "max_length": self.context,
-                "split": {"train": self.data.train.n_windows, "test": self.data.test.n_windows,
-                          "val": self.data.val.n_windows}}
-
-    # -------------------------------------------------------------- samples
-    def tokens_per_step(self) -> int:
+    def tokens_per_step(self, trainer: Trainer) -> int:
         """Approximate: the mean example length (the batches are padded per batch)."""
-        return int(self.cfg.batch_size * self.cfg.grad_accum * self.world * self.data.mean_length())
+        cfg = trainer.cfg
+        return int(cfg.batch_size * cfg.grad_accum * trainer.world * trainer.data.mean_length())
 
-    def respond(self, record: dict[str, str], max_new_tokens: int) -> str:
-        """The live model's greedy response to a record's instruction."""
-        settings = SampleSettings(max_new_tokens=max_new_tokens, temperature=0.0, top_k=None, seed=self.cfg.seed)
-        return self.generate_text(record_prompt(record), settings).strip()
+    def checkpoint_extra(self, trainer: Trainer) -> dict[str, Any]:
+        d = trainer.data
+        return {"template": TEMPLATE, "mask_prompt": trainer.cfg.mask_prompt, "max_length": trainer.context,
+                "split": {"train": d.train.n_windows, "test": d.test.n_windows, "val": d.val.n_windows}}
 
-    def epoch_samples(self) -> None:
+    def respond(self, trainer: Trainer, records: list[dict[str, str]], max_new_tokens: int,
+                should_stop: Callable[[], bool] | None = None) -> list[str]:
+        """The live model's greedy responses to records, generated together (KV cache, stop at end-of-text)."""
+        tok, model = trainer.tokenizer, trainer.model
+        ctx = model.cfg.context_length
+        prompts = [tok.encode(record_prompt(r))[-(ctx - 1):] for r in records]
+        settings = SampleSettings(max_new_tokens=max_new_tokens, temperature=0.0, top_k=None, seed=trainer.cfg.seed)
+        t0 = time.perf_counter()
+        out = generate_batch(model, prompts, settings, tok.eot_id, should_stop, trainer.autocast)
+        n = sum(len(o) for o in out)
+        if n:
+            self.gen_tokens_per_sec = n / max(1e-9, time.perf_counter() - t0)
+        return [tok.decode(o).strip() for o in out]
+
+    def samples(self, trainer: Trainer) -> None:
         """Responses to the first few validation instructions, each beside its expected output."""
-        for record in self.data.val.records[:N_SAMPLE_RECORDS]:
+        records = trainer.data.val.records[:N_SAMPLE_RECORDS]
+        for record, text in zip(records, self.respond(trainer, records, trainer.cfg.sample_tokens), strict=True):
             shown = record["instruction"] + (f"\n{record['input']}" if record["input"] else "")
-            text = self.respond(record, self.cfg.sample_tokens)
-            self.emit(SampleEvent(step=self.step, epoch=self.epoch, text=text, prompt=shown, expected=record["output"]))
+            trainer.emit(SampleEvent(step=trainer.step, epoch=trainer.epoch_of_step(trainer.step), text=text,
+                                     prompt=shown, expected=record["output"]))
 
-    def on_finish(self) -> None:
-        """Write the model's responses to the test split into RUN/test_responses.json."""
-        if not self.is_main:
-            return
-        limit = self.cfg.test_responses
-        records = self.data.test.records if limit is None else self.data.test.records[:limit]
+    def _planned(self, trainer: Trainer) -> list[dict[str, str]]:
+        limit = trainer.cfg.test_responses
+        records = trainer.data.test.records
+        return records if limit is None else records[:limit]
+
+    def end_phase_seconds(self, trainer: Trainer) -> float:
+        """Upper estimate from the samples' generation speed: every planned record at full length."""
+        n = len(self._planned(trainer))
+        if not n or not self.gen_tokens_per_sec:
+            return 0.0
+        # a batch of TEST_BATCH runs about as fast per step as one sample: tokens/s scale with the batch
+        return n * trainer.cfg.sample_tokens / (self.gen_tokens_per_sec * min(TEST_BATCH, n) / N_SAMPLE_RECORDS)
+
+    def end_phase(self, trainer: Trainer) -> None:
+        """Write responses to the test split into RUN/test_responses.json, batch by batch.
+
+        The file is rewritten after each batch, so a stop (the first Ctrl+C) keeps what is done.
+        Without ``--test-responses`` the phase ends once it has taken a quarter of the training
+        time (at least 20 s), so a short run does not wait long on its end.
+        """
+        records = self._planned(trainer)
         if not records:
             return
-        out = [dict(r, model_response=self.respond(r, self.cfg.sample_tokens)) for r in records]
-        path = os.path.join(self.run_dir, "test_responses.json")
-        ck.write_json_atomic(path, out)
-        self._log(f"wrote {len(out)} test responses to {path}")
+        budget = None
+        if trainer.cfg.test_responses is None:
+            budget = max(END_PHASE_MIN_S, END_PHASE_SHARE * trainer.train_seconds)
+        trainer.set_state("finishing", f"answering {len(records)} test records")
+        path = os.path.join(trainer.run_dir, "test_responses.json")
+        done: list[dict[str, str]] = []
+        t0 = time.perf_counter()
+        for i in range(0, len(records), TEST_BATCH):
+            if trainer.stopping or (budget is not None and done and time.perf_counter() - t0 > budget):
+                break
+            batch = records[i:i + TEST_BATCH]
+            texts = self.respond(trainer, batch, trainer.cfg.sample_tokens, lambda: trainer.stopping)
+            if trainer.stopping:
+                break
+            done += [dict(r, model_response=t) for r, t in zip(batch, texts, strict=True)]
+            ck.write_json_atomic(path, done)
+            el = time.perf_counter() - t0
+            eta = el / len(done) * (len(records) - len(done))
+            trainer.log(f"test responses {len(done)}/{len(records)} · ETA {eta:.0f}s", "progress")
+        if done:
+            rest = len(records) - len(done)
+            more = (f"; {rest} left ({'stopped' if trainer.stopping else 'time budget'}: --test-responses "
+                    f"{len(records)} answers all)") if rest else ""
+            trainer.log(f"wrote {len(done)} test responses to {path}{more}")

@@ -10,14 +10,13 @@ adapter leaves the model's output unchanged (LLMs-from-scratch appendix E; Hu et
 * ``head``: the output layer (tied to the token embedding in GPT-2; merging unties it).
 
 A LoRA checkpoint (``kind: "lora"``) holds only the adapters plus the path and sha256 of the
-base weights; :func:`model_from_lora_checkpoint` rebuilds base + adapters from it, and
+base weights; ``engine.weights.model_from_checkpoint`` rebuilds base + adapters from it, and
 :func:`merge_lora` folds the adapters into plain ``nn.Linear`` layers.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
@@ -25,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import CheckpointError, GptTuiError
-from .model import GPT, ModelConfig, describe_shape_mismatch
+from .model import GPT, describe_shape_mismatch
 
 LAYER_GROUPS: dict[str, tuple[str, ...]] = {
     "attn": ("attn.qkv", "attn.proj"),
@@ -135,10 +134,6 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, layers: str | tuple[st
     return wrapped
 
 
-def is_lora(model: nn.Module) -> bool:
-    return any(isinstance(m, LoRALinear) for m in model.modules())
-
-
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter tensors (``...lora_a`` / ``...lora_b``)."""
     return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_a", ".lora_b"))}
@@ -184,41 +179,3 @@ def lora_info(rank: int, alpha: float, layers: str | tuple[str, ...], base: dict
     """What a LoRA checkpoint records about its adapters and base."""
     return {"rank": int(rank), "alpha": float(alpha), "layers": ",".join(parse_layers(layers)),
             "base": base["path"], "base_sha256": base["sha256"], "base_format": base.get("format", "")}
-
-
-def load_base(info: dict[str, Any], mcfg: ModelConfig | None = None, dropout: float | None = None) -> GPT:
-    """The base model a LoRA checkpoint refers to, checked against its recorded sha256."""
-    from .pretrained import load_weights, source_identity
-
-    path = info.get("base")
-    if not path or not os.path.exists(path):
-        raise CheckpointError(
-            f"the base weights of this LoRA checkpoint ({path}) are missing",
-            "put them back at that path, or use a checkpoint written by gpt-tui export --merge",
-        )
-    ident = source_identity(path)
-    if info.get("base_sha256") and ident["sha256"] != info["base_sha256"]:
-        raise CheckpointError(
-            f"the base weights at {path} changed since the adapters were trained (sha256 differs)",
-            "restore the original base weights, or train new adapters",
-        )
-    model = load_weights(path, dropout)
-    if mcfg is not None:
-        keys = ("vocab_size", "context_length", "n_layer", "n_head", "n_embd", "qkv_bias", "arch")
-        diff = [k for k in keys if getattr(model.cfg, k) != getattr(mcfg, k)]
-        if diff:
-            raise CheckpointError(f"the base weights at {path} do not match the adapters' model ({', '.join(diff)})",
-                                  "give the base the adapters were trained on")
-    return model
-
-
-def model_from_lora_checkpoint(obj: dict[str, Any], merge: bool = True) -> GPT:
-    """Base + adapters of a loaded ``kind: "lora"`` checkpoint (merged into a plain GPT by default)."""
-    info = obj.get("lora")
-    if not isinstance(info, dict):
-        raise CheckpointError(f"{obj.get('_path')} says kind 'lora' but has no adapter description",
-                              "the file is damaged; use another checkpoint")
-    model = load_base(info, ModelConfig.from_dict(obj["model_config"]))
-    apply_lora(model, int(info["rank"]), float(info["alpha"]), info["layers"])
-    load_lora_state(model, obj["model"])
-    return merge_lora(model) if merge else model

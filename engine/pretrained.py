@@ -1,4 +1,4 @@
-"""GPT-2 weights from disk, mapped into :class:`engine.model.GPT`; the ``--init`` loader.
+"""GPT-2 weights from disk (Hugging Face or OpenAI folders), mapped into :class:`engine.model.GPT`.
 
 Two source formats, both a folder (nothing is downloaded):
 
@@ -18,7 +18,6 @@ missing or unexpected tensor is an error naming it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -27,10 +26,8 @@ from typing import Any
 
 import torch
 
-from . import checkpoint as ck
 from .errors import CheckpointError, GptTuiError
 from .model import GPT, ModelConfig
-from .tokenizer import GPT2Tokenizer, Tokenizer, tokenizer_from_spec
 
 # (n_layer, n_embd) -> the release's name
 GPT2_SIZES = {(12, 768): "124M", (24, 1024): "355M", (36, 1280): "774M", (48, 1600): "1558M"}
@@ -186,7 +183,7 @@ def _open_hf(path: str) -> GPT2Source:
             return sd[name]
     else:
         raise GptTuiError(f"{path} has config.json but no model.safetensors or pytorch_model.bin",
-                          "copy the weights file into the folder (see docs/finetune.md)")
+                          "copy the weights file into the folder (see the README, Start from GPT-2)")
     return GPT2Source(path=path, format="hf", hparams=hp, shapes=shapes, get=get, files=files)
 
 
@@ -332,154 +329,3 @@ def load_gpt2(path: str, dropout: float | None = None) -> tuple[GPT, GPT2Source]
     """Read a GPT-2 folder into a GPT; returns the model and the opened source."""
     src = open_source(path)
     return build_from_source(src, dropout), src
-
-
-# ----------------------------------------------------------- --init support
-_cache: dict[str, Any] = {}
-
-
-def _gpttui_checkpoint(path: str) -> dict[str, Any]:
-    """A gpt-tui checkpoint, loaded once for the tokenizer, context and weights of one --init."""
-    resolved = os.path.abspath(ck.resolve_checkpoint(path))
-    key = f"{resolved}|{os.path.getmtime(resolved)}"
-    if _cache.get("key") != key:
-        _cache.clear()
-        _cache.update(key=key, obj=ck.load_checkpoint(resolved))
-    return _cache["obj"]
-
-
-def init_tokenizer(path: str) -> Tokenizer:
-    """The tokenizer that goes with ``--init PATH``: GPT-2's for GPT-2 folders, else the checkpoint's."""
-    if is_gpt2_source(path):
-        src = open_source(path)
-        if src.hparams["n_vocab"] < GPT2_VOCAB:
-            raise GptTuiError(f"{path} has a vocabulary of {src.hparams['n_vocab']} ids, fewer than GPT-2's "
-                              f"tokenizer ({GPT2_VOCAB})", "use a model with GPT-2's vocabulary")
-        return GPT2Tokenizer()
-    return tokenizer_from_spec(_gpttui_checkpoint(path)["tokenizer"])
-
-
-def init_model_config(path: str) -> ModelConfig:
-    """The architecture of ``--init PATH`` (read without building the model)."""
-    if is_gpt2_source(path):
-        hp = open_source(path).hparams
-        return ModelConfig(vocab_size=hp["n_vocab"], context_length=hp["n_ctx"], n_layer=hp["n_layer"],
-                           n_head=hp["n_head"], n_embd=hp["n_embd"], dropout=hp["dropout"], qkv_bias=True,
-                           tie_weights=hp["tie"])
-    return ModelConfig.from_dict(_gpttui_checkpoint(path)["model_config"])
-
-
-def init_context_length(path: str) -> int:
-    """Length of the position table of ``--init PATH`` (the default --context for it)."""
-    return init_model_config(path).context_length
-
-
-def set_dropout(model: GPT, p: float) -> None:
-    """Change a built model's dropout rate everywhere."""
-    model.cfg.dropout = p
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = p
-        if hasattr(m, "dropout") and isinstance(m.dropout, float):
-            m.dropout = p
-
-
-def load_weights(path: str, dropout: float | None = None) -> GPT:
-    """A GPT from a GPT-2 folder or a gpt-tui checkpoint (LoRA checkpoints come back merged)."""
-    if is_gpt2_source(path):
-        return load_gpt2(path, dropout)[0]
-    from .inference import model_from_checkpoint
-
-    model = model_from_checkpoint(_gpttui_checkpoint(path))
-    _cache.clear()
-    if dropout is not None:
-        set_dropout(model, dropout)
-    return model
-
-
-def load_init_model(path: str, cfg: Any) -> GPT:
-    """The model for ``--init PATH`` (a gpt-tui checkpoint or run, or a GPT-2 folder).
-
-    ``cfg`` is the run's TrainConfig: its ``--dropout`` (when given) replaces the source's and
-    its ``--context`` must fit the position table.
-    """
-    model = load_weights(path, getattr(cfg, "dropout", None))
-    ctx = getattr(cfg, "context", None)
-    if ctx is not None and ctx > model.cfg.context_length:
-        raise GptTuiError(f"--context {ctx} is longer than the position table of {path} "
-                          f"({model.cfg.context_length} positions)", f"use --context {model.cfg.context_length} or less")
-    return model
-
-
-def source_identity(path: str) -> dict[str, str]:
-    """Where the weights of ``path`` are and their sha256, so a LoRA checkpoint can find and check its base."""
-    if is_gpt2_source(path):
-        src = open_source(path)
-        return {"path": os.path.abspath(path), "format": src.format, "sha256": _sha256_files(src.files)}
-    resolved = os.path.abspath(ck.resolve_checkpoint(path))
-    meta = ck.read_meta(resolved) or {}
-    sha = meta.get("sha256") or _sha256_files([resolved])
-    return {"path": resolved, "format": "gpt-tui", "sha256": sha}
-
-
-def _sha256_files(files: list[str]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest() if len(files) == 1 else "files:" + h.hexdigest()
-
-
-# ------------------------------------------------------ writing checkpoints
-def output_path(out: str, step: int = 0) -> str:
-    """``out`` itself for a ``.pt`` path, else ``out`` as a run directory (``out/checkpoints/step-N.pt``)."""
-    if out.endswith(".pt"):
-        return out
-    return ck.checkpoint_name(out, step)
-
-
-def write_weights(out: str, model: GPT, tokenizer_spec: dict, *, train_config: dict | None = None,
-                  extra: dict | None = None, step: int = 0, reason: str = "import") -> str:
-    """Write a full-weights gpt-tui checkpoint (no optimizer) that generate and --init accept."""
-    from .config import TrainConfig
-
-    mcfg = model.cfg
-    if train_config is None:
-        preset = next((f"gpt2{s}" for s, n in (("", 768), ("-medium", 1024), ("-large", 1280), ("-xl", 1600))
-                       if mcfg.n_embd == n), "gpt2")
-        train_config = TrainConfig(preset=preset, tokenizer="gpt2", context=mcfg.context_length,
-                                   dropout=mcfg.dropout, qkv_bias=mcfg.qkv_bias, tie_weights=mcfg.tie_weights,
-                                   n_layer=mcfg.n_layer, n_head=mcfg.n_head, n_embd=mcfg.n_embd).to_dict()
-    payload = {
-        "kind": "full",
-        "model": model.state_dict(),
-        "model_config": mcfg.to_dict(),
-        "optimizer": None,
-        "scaler": None,
-        "train_config": train_config,
-        "step": step,
-        "epoch": 0,
-        "batch_in_epoch": 0,
-        "tokens_seen": 0,
-        "best_val": None,
-        "rng": ck.rng_state(),
-        "tokenizer": tokenizer_spec,
-        "world_size": 1,
-        "extra": extra or {},
-    }
-    path = output_path(out, step)
-    meta = {"step": step, "epoch": 0, "tokens_seen": 0, "train_loss": None, "val_loss": None, "last_loss": None,
-            "n_params": model.num_params(), "kind": "full", "reason": reason}
-    return ck.save_checkpoint(path, payload, meta)
-
-
-def import_gpt2(source: str, out: str, dropout: float | None = None) -> tuple[str, GPT, GPT2Source]:
-    """Convert a GPT-2 folder into a gpt-tui checkpoint; returns (path written, model, source)."""
-    model, src = load_gpt2(source, dropout)
-    if src.hparams["n_vocab"] < GPT2_VOCAB:
-        raise GptTuiError(f"{source} has a vocabulary of {src.hparams['n_vocab']} ids, fewer than GPT-2's tokenizer "
-                          f"({GPT2_VOCAB})", "use a model with GPT-2's vocabulary")
-    extra = {"source": os.path.abspath(source), "source_format": src.format, "gpt2_size": src.size_name}
-    path = write_weights(out, model, GPT2Tokenizer().spec(), extra=extra, reason="import")
-    return path, model, src

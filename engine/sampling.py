@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -35,6 +35,30 @@ class SampleSettings:
     """Stop when the end-of-text token is produced."""
     use_cache: bool = True
     """Use the KV cache (False recomputes the whole context each token)."""
+
+    def validate(self) -> SampleSettings:
+        """Check every setting (GptTuiError naming a bad one); returns self."""
+        if self.temperature < 0:
+            raise GptTuiError(f"temperature must not be negative, got {self.temperature:g}", "use 0 for greedy")
+        if self.top_k is not None and self.top_k < 0:
+            raise GptTuiError(f"top-k must not be negative, got {self.top_k}", "use 0 to keep all tokens")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise GptTuiError(f"top-p must be in (0, 1], got {self.top_p:g}", "use e.g. 0.9, or leave it off")
+        if self.max_new_tokens <= 0:
+            raise GptTuiError(f"max new tokens must be positive, got {self.max_new_tokens}", "give a value above 0")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SampleSettings:
+        """Settings from a dict of field values (unknown names refused), checked."""
+        names = {f.name for f in fields(cls)}
+        unknown = [k for k in d if k not in names]
+        if unknown:
+            raise GptTuiError(f"unknown sample setting(s) {', '.join(unknown)}", f"use {', '.join(sorted(names))}")
+        return cls(**d).validate()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:

@@ -141,6 +141,10 @@ class Tokenizer:
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()[:16]
 
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes of each id's text (for bits per byte); 0 for special tokens."""
+        return [len(self.decode_bytes([i])) for i in range(self.vocab_size)]
+
 
 class GPT2Tokenizer(Tokenizer):
     name = "gpt2"
@@ -164,6 +168,10 @@ class GPT2Tokenizer(Tokenizer):
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.enc.decode_bytes(list(ids))
 
+    def token_bytes(self) -> list[int]:
+        enc = self.enc
+        return [0 if i == self.eot_id else len(enc.decode_single_token_bytes(i)) for i in range(self.vocab_size)]
+
     def piece(self, token_id: int) -> str:
         b = self.enc.decode_single_token_bytes(token_id)
         try:
@@ -186,10 +194,6 @@ class CharTokenizer(Tokenizer):
             raise GptTuiError("cannot build a char tokenizer from empty text", "give a non-empty corpus")
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         self.vocab_size = len(self.chars)
-
-    @classmethod
-    def from_text(cls, text: str) -> CharTokenizer:
-        return cls(set(text))
 
     def unknown(self, text: str) -> list[str]:
         """Characters of ``text`` outside the vocabulary, in order of first appearance."""
@@ -215,6 +219,38 @@ class CharTokenizer(Tokenizer):
 
     def spec(self) -> dict:
         return {"type": "char", "chars": "".join(self.chars)}
+
+
+class TextStream:
+    """Text of a growing list of token ids, handed out in pieces as it becomes whole.
+
+    A multi-byte character split over several tokens is held back until its last byte
+    arrives, so a UI never shows a replacement character mid-stream.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        """Add one id; returns the new text that is complete now ("" when a character is unfinished)."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.emitted = text[len(self.emitted):], text
+        return piece
+
+    def flush(self) -> str:
+        """What is left at the end (an unfinished character as a replacement character)."""
+        text = self.text
+        piece, self.emitted = text[len(self.emitted):], text
+        return piece
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids)
 
 
 def tokenizer_from_spec(spec: dict) -> Tokenizer:

@@ -1,4 +1,4 @@
-"""Checkpoints that are always whole.
+"""Checkpoint storage: files that are always whole (what they hold is :mod:`.format`'s business).
 
 Layout: ``RUN/checkpoints/step-00001234.pt`` plus ``step-00001234.meta.json``. The ``.pt``
 is written to a temporary file, flushed, fsynced and renamed; the ``meta.json`` (step,
@@ -27,12 +27,11 @@ import zipfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch
 
-FORMAT = "gpt-tui/1"
 _NAME = re.compile(r"^step-(\d{8})(?:-(\d+))?\.pt$")
 MIN_TORCH = (2, 10)  # weights_only=True has known escapes before this
 
@@ -205,20 +204,17 @@ def checkpoint_name(run_dir: str, step: int) -> str:
         rev += 1
 
 
-def save_checkpoint(path: str, payload: dict[str, Any], meta: dict[str, Any]) -> str:
+def write_checkpoint(path: str, payload: dict[str, Any], meta: dict[str, Any]) -> str:
     """Write ``payload`` atomically to ``path`` and then its meta.json; returns the path.
 
     Raises :class:`CheckpointError` (disk full, permissions) with earlier checkpoints intact.
     """
     import torch
 
-    payload = dict(payload)
-    payload["format"] = FORMAT
     sha = _atomic_write(path, lambda f: torch.save(payload, f))
     meta = dict(meta)
     meta.update(
         {
-            "format": FORMAT,
             "file": os.path.basename(path),
             "sha256": sha,
             "bytes": os.path.getsize(path),
@@ -389,7 +385,7 @@ def verify_checkpoint(path: str) -> dict[str, Any]:
     return meta
 
 
-def _load_file(path: str, map_location: str | torch.device, verify: bool) -> dict[str, Any]:
+def _load_file(path: str, map_location: str | torch.device, verify: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     import torch
 
     _check_torch()
@@ -410,53 +406,36 @@ def _load_file(path: str, map_location: str | torch.device, verify: bool) -> dic
             f"{path} is truncated or corrupt ({type(e).__name__}: {first})",
             "use an earlier checkpoint of the run",
         ) from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+    if not isinstance(obj, dict):
         raise CheckpointError(
             f"{path} is not a gpt-tui checkpoint",
             "give a checkpoint written by gpt-tui (or import GPT-2 weights with gpt-tui import-gpt2)",
         )
-    obj["_path"] = path
-    obj["_meta"] = meta or {}
-    obj["_skipped"] = []
-    return obj
+    return obj, meta or {}
 
 
-def load_checkpoint(path: str, map_location: str | torch.device = "cpu", verify: bool = True) -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``), checking completeness and checksum.
+def load_raw(path: str, decode: Callable[[dict, str, dict], Any], map_location: str | torch.device = "cpu",
+             verify: bool = True) -> tuple[Any, list[str]]:
+    """Load a checkpoint file safely (``weights_only=True``), checking completeness and checksum.
 
-    ``path`` is a ``.pt`` file or a run directory. For a run directory the newest complete
-    checkpoint that passes the checks is used; damaged newer ones are listed in the
-    returned ``_skipped`` (and the load fails only when none is usable).
+    ``path`` is a ``.pt`` file or a run directory. ``decode(obj, path, meta)`` turns the file's
+    dict into what the caller wants (a CheckpointError there counts as damage). For a run
+    directory the newest complete checkpoint that passes the checks is used; damaged newer ones
+    are returned as the second item (and the load fails only when none is usable).
     """
     if not os.path.isdir(path):
-        return _load_file(resolve_checkpoint(path), map_location, verify)
+        p = resolve_checkpoint(path)
+        obj, meta = _load_file(p, map_location, verify)
+        return decode(obj, p, meta), []
     resolve_checkpoint(path)  # the errors for an empty or foreign directory
     skipped: list[str] = []
     first_error: CheckpointError | None = None
     for _, p, _ in reversed(by_write_time(list_checkpoints(path))):
         try:
-            obj = _load_file(p, map_location, verify)
+            obj, meta = _load_file(p, map_location, verify)
+            return decode(obj, p, meta), skipped
         except CheckpointError as e:
             skipped.append(f"{os.path.basename(p)} ({e.problem})")
             first_error = first_error or e
-            continue
-        obj["_skipped"] = skipped
-        return obj
     assert first_error is not None
     raise first_error
-
-
-def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """``model.load_state_dict(state)``, or a CheckpointError naming the tensors whose shapes differ."""
-    from .model import describe_shape_mismatch
-
-    diff = describe_shape_mismatch(model, state)
-    if diff:
-        keys = [d for d in diff if d.startswith(("missing:", "unexpected:"))]
-        shapes = [d for d in diff if d not in keys]
-        shown = shapes[:3] + ([f"{len(shapes) - 3} more shapes differ"] if len(shapes) > 3 else []) + keys
-        raise CheckpointError(
-            f"{source} does not fit this model: {'; '.join(shown)}",
-            "use the checkpoint's own model settings or start a new run",
-        )
-    model.load_state_dict(state)
