@@ -29,10 +29,10 @@ sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data"
 
 from engine.config import TrainConfig  # noqa: E402
-from engine.events import Recorder  # noqa: E402
 from engine.instruct import FinetuneTrainer  # noqa: E402
 from engine.lora import apply_lora, count_parameters  # noqa: E402
 from engine.model import GPT, preset_config  # noqa: E402
+from engine.recorder import Recorder  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 
 
@@ -89,8 +89,8 @@ def finetune_run(name: str, init: str, data: Path, work: Path, args: argparse.Na
     before = t.evaluate()[1]
     t0 = time.perf_counter()
     t.fit()
-    evals = rec.snapshot()["evals"]
-    trainable, total = count_parameters(t.model_ref)
+    evals = rec.snapshot().evals
+    trainable, total = count_parameters(t.model)
     print(f"  {name:5s}: val loss {before:.3f} -> {evals[-1].val_loss:.3f} after {t.step} steps "
           f"({' '.join(f'{e.val_loss:.3f}' for e in evals[1:])}); {trainable:,} of {total:,} trainable; "
           f"{time.perf_counter() - t0:.0f}s")
@@ -115,8 +115,8 @@ def bench_finetune(args: argparse.Namespace) -> None:
         t.setup()
         t0 = time.perf_counter()
         t.fit()
-        ev = rec.snapshot()["evals"][-1]
-        print(f"pretrained {t.model_ref.num_params():,} parameters (4 layers, 128 wide, context 128) on "
+        ev = rec.snapshot().evals[-1]
+        print(f"pretrained {t.model.num_params():,} parameters (4 layers, 128 wide, context 128) on "
               f"tinyshakespeare for {t.step} steps: val loss {ev.val_loss:.3f} ({time.perf_counter() - t0:.0f}s)")
         init = str(work / "pretrain")
     print(f"finetuning on {data.name} (935 train / 55 val records), batch {args.ft_batch}:")

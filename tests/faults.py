@@ -27,6 +27,8 @@ from typing import Any
 import torch
 
 from engine import checkpoint as ck
+from engine.checkpoint import io as ck_io
+from engine.strategy import Strategy
 from engine.trainer import Trainer
 
 
@@ -41,9 +43,9 @@ class _InfGrad(torch.autograd.Function):
 
 
 class LossFault(torch.nn.Module):
-    """Wraps a model; at chosen steps of ``trainer`` the training loss is made bad."""
+    """Wraps a model; at chosen steps of ``trainer`` (anything with a ``step``) the training loss is made bad."""
 
-    def __init__(self, model: torch.nn.Module, trainer: Trainer, faults: dict[str, set[int]]) -> None:
+    def __init__(self, model: torch.nn.Module, trainer: Any, faults: dict[str, set[int]]) -> None:
         super().__init__()
         self.inner = model
         self.trainer = trainer
@@ -74,24 +76,47 @@ def parse(spec: str) -> dict[str, set[int]]:
     return out
 
 
+class FaultyStrategy(Strategy):
+    """The plain strategy, with the model wrapped in a :class:`LossFault` (give it its trainer after)."""
+
+    def __init__(self, faults: dict[str, set[int]]) -> None:
+        self.faults = faults
+        self.trainer: Trainer | None = None
+
+    @property
+    def step(self) -> int:
+        return self.trainer.step if self.trainer is not None else 0
+
+    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        return LossFault(model, self, self.faults)
+
+
+def faulty_trainer(spec: str | dict[str, set[int]], *args: Any, **kw: Any) -> Trainer:
+    """A Trainer whose loss goes bad at the steps of ``spec``."""
+    strategy = FaultyStrategy(parse(spec) if isinstance(spec, str) else spec)
+    t = Trainer(*args, strategy=strategy, **kw)
+    strategy.trainer = t
+    return t
+
+
 def install(spec: str) -> None:
     """Patch the engine for the faults in ``spec`` (for the rest of this process)."""
     faults = parse(spec)
-    wrap = Trainer._wrap_model
-
-    def faulty_wrap(self: Trainer, model: torch.nn.Module) -> torch.nn.Module:
-        return LossFault(wrap(self, model), self, faults)
-
     if faults.keys() & {"nan", "infgrad", "spike", "oom"}:
-        Trainer._wrap_model = faulty_wrap  # type: ignore[method-assign]
+        import engine.runner
+
+        def make_trainer(cfg: Any, sink: Any = None, **kw: Any) -> Trainer:
+            return faulty_trainer(faults, cfg, sink, **kw)
+
+        engine.runner.make_trainer = make_trainer
     if "enospc" in faults:
         full_from = min(faults["enospc"])
         saves = {"n": 0}
         save = ck.save_checkpoint
 
-        def counting_save(path: str, payload: dict, meta: dict) -> str:
+        def counting_save(path: str, ckpt: Any, meta: Any) -> str:
             saves["n"] += 1
-            return save(path, payload, meta)
+            return save(path, ckpt, meta)
 
         def write(self: Any, b: bytes) -> int:
             if saves["n"] >= full_from:
@@ -101,7 +126,7 @@ def install(spec: str) -> None:
             return self.f.write(b)
 
         ck.save_checkpoint = counting_save
-        ck._HashingWriter.write = write  # type: ignore[method-assign]
+        ck_io._HashingWriter.write = write  # type: ignore[method-assign]
 
 
 def disk_full_writer(after_bytes: int = 0):

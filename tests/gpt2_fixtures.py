@@ -262,10 +262,18 @@ def tiny_gpt2_checkpoint(out: Path, n_embd: int = 32, n_layer: int = 1, n_head: 
                          seed: int = 0, tie: bool = True) -> Path:
     """A gpt-tui checkpoint of a small random GPT with GPT-2's vocabulary and tokenizer."""
     from engine.model import GPT, ModelConfig
-    from engine.pretrained import write_weights
     from engine.tokenizer import GPT2Tokenizer
+    from engine.weights import write_weights
 
     torch.manual_seed(seed)
     model = GPT(ModelConfig(vocab_size=50257, context_length=context, n_layer=n_layer, n_head=n_head,
                             n_embd=n_embd, dropout=0.0, qkv_bias=True, tie_weights=tie))
     return Path(write_weights(str(out), model, GPT2Tokenizer().spec()))
+
+
+def finetune_trainer(cfg, sink=None, **kw):
+    """A trainer for instruction finetuning (what ``gpt-tui finetune`` builds)."""
+    from engine.instruct import InstructTask
+    from engine.trainer import Trainer
+
+    return Trainer(cfg, sink, task=InstructTask(), **kw)

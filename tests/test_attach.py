@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.control import SOCKET_NAME, ControlClient, ControlError
+from engine.control import ControlClient, ControlError
 from engine.events import read_metrics
+from engine.runs import SOCKET as SOCKET_NAME
 
 from .conftest import run_cli
 
@@ -76,7 +77,13 @@ class FakeTrainer:
         self.state, self.step, self.total_steps, self.tokens_seen = "running", 7, 100, 0
         self.world, self.is_main, self.last_checkpoint = 1, True, None
         self.paused = False
+        self.template = None
         self.calls: list[tuple] = []
+
+    def add_sink(self, sink) -> None:
+        from engine.events import MultiSink
+
+        self.sink = MultiSink([self.sink, sink])
 
     def pause(self) -> None:
         self.paused = True
@@ -109,9 +116,8 @@ class FakeTrainer:
 
 
 def test_channel_in_process_long_path_stale_socket_and_viewers(tmp_path: Path) -> None:
-    from engine.control import ControlServer, read_info, socket_path_for
+    from engine.control import ControlServer, RemoteController, read_info, socket_path_for
     from engine.events import StepEvent
-    from tui.control import RemoteController
 
     run = tmp_path / ("a-rather-long-run-directory-name-" * 3) / "run"
     run.mkdir(parents=True)

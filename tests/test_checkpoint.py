@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from engine import checkpoint as ck
+from engine.checkpoint import io as ck_io
 from engine.errors import CheckpointError
 from engine.events import read_metrics
 from engine.model import GPT, ModelConfig
@@ -45,15 +46,15 @@ def test_checkpoint_holds_the_whole_training_state(corpus: Path, tmp_path: Path)
     t = trained(corpus, tmp_path / "run", max_steps=7, eval_every=7, grad_accum=2)
     path = ck.resolve_checkpoint(str(tmp_path / "run"))
     obj = ck.load_checkpoint(path)
-    assert obj["step"] == 7 and obj["epoch"] == 7 // t.steps_per_epoch and obj["tokens_seen"] == t.tokens_seen
-    assert set(obj["model"]) == set(t.model_ref.state_dict())
-    assert obj["optimizer"]["state"] and obj["optimizer"]["param_groups"][0]["lr"] == t.optimizer.param_groups[0]["lr"]
-    assert obj["train_config"]["grad_accum"] == 2 and obj["model_config"]["n_embd"] == 32
-    assert obj["data"]["seed"] == 1337 and obj["data"]["step_in_epoch"] == 7 % t.steps_per_epoch
-    assert obj["data"]["windows_done"] == 7 * 4 * 2 and obj["data"]["train_windows"] == t.data.train.n_windows
-    assert {"python", "numpy", "torch"} <= set(obj["rng"])
-    assert obj["tokenizer"]["type"] == "char" and obj["tokenizer"]["chars"] == "".join(t.tokenizer.chars)
-    assert obj["best_val"] == t.best_val and len(obj["guard"]["recent_losses"]) == 7
+    assert obj.step == 7 and obj.epoch == 7 // t.steps_per_epoch and obj.tokens_seen == t.tokens_seen
+    assert set(obj.model) == set(t.model.state_dict())
+    assert obj.optimizer["state"] and obj.optimizer["param_groups"][0]["lr"] == t.optimizer.param_groups[0]["lr"]
+    assert obj.train_config["grad_accum"] == 2 and obj.model_config["n_embd"] == 32
+    assert obj.data["seed"] == 1337 and obj.data["step_in_epoch"] == 7 % t.steps_per_epoch
+    assert obj.data["windows_done"] == 7 * 4 * 2 and obj.data["train_windows"] == t.data.train.n_windows
+    assert {"python", "numpy", "torch"} <= set(obj.rng)
+    assert obj.tokenizer["type"] == "char" and obj.tokenizer["chars"] == "".join(t.tokenizer.chars)
+    assert obj.best_val == t.best_val and len(obj.guard["recent_losses"]) == 7
 
 
 def test_meta_json_is_readable_without_torch(corpus: Path, tmp_path: Path):
@@ -116,7 +117,7 @@ def test_newest_damaged_checkpoint_falls_back_to_an_older_one(corpus: Path, tmp_
     data[len(data) // 2] ^= 0xFF
     newest.write_bytes(bytes(data))
     obj = ck.load_checkpoint(str(run))
-    assert obj["step"] == 4 and obj["_skipped"] and "step-00000006.pt" in obj["_skipped"][0]
+    assert obj.step == 4 and obj.skipped and "step-00000006.pt" in obj.skipped[0]
     with pytest.raises(CheckpointError, match="corrupt"):
         ck.load_checkpoint(str(newest))  # a file named explicitly is never swapped for another
     t = Trainer(tiny_config(corpus, run, max_steps=6, resume=str(run)))
@@ -176,8 +177,8 @@ def test_flipped_byte_in_tensor_data_is_caught_by_the_checksum(corpus: Path, tmp
     raw[start + info.file_size // 2] ^= 0x40
     pt.write_bytes(bytes(raw))
     silent = ck.load_checkpoint(str(pt), verify=False)  # torch itself loads it without complaint
-    good = t.model_ref.state_dict()
-    assert any(not torch.equal(silent["model"][k], good[k]) for k in good)
+    good = t.model.state_dict()
+    assert any(not torch.equal(silent.model[k], good[k]) for k in good)
     with pytest.raises(CheckpointError, match="corrupt .its sha256 does not match"):
         ck.load_checkpoint(str(pt))
     assert_one_clear_line(run_cli("generate", str(pt), "--prompt", "It"), "sha256 does not match")
@@ -187,9 +188,9 @@ def test_loading_into_another_architecture_names_the_shapes(corpus: Path, tmp_pa
     t = trained(corpus, tmp_path / "run")
     obj = ck.load_checkpoint(t.last_checkpoint)
     other = GPT(ModelConfig(vocab_size=t.tokenizer.vocab_size, context_length=32, n_layer=2, n_head=2, n_embd=48))
-    with pytest.raises(CheckpointError) as err:
-        ck.load_state_checked(other, obj["model"], obj["_path"])
-    msg = str(err.value)
+    from engine.strategy import Strategy
+
+    msg = "; ".join(Strategy().mismatch(other, obj.model))
     assert "tok_emb.weight: checkpoint (" in msg and ", 32) vs model (" in msg and ", 48)" in msg
     assert "missing: blocks.1." in msg
 
@@ -206,7 +207,7 @@ def test_keep_last_plus_best_val(tmp_path: Path):
     run = str(tmp_path / "run")
     vals = [3.0, 2.0, 2.5, None, 2.7, 2.6]
     for step, v in enumerate(vals, start=1):
-        ck.save_checkpoint(ck.checkpoint_name(run, step), {"w": torch.zeros(2)}, {"step": step, "val_loss": v})
+        ck_io.write_checkpoint(ck.checkpoint_name(run, step), {"w": torch.zeros(2)}, {"step": step, "val_loss": v})
         ck.prune(run, keep_last=2)
     assert [s for s, _, _ in ck.list_checkpoints(run)] == [2, 5, 6]
 
@@ -229,7 +230,7 @@ def test_disk_full_leaves_the_previous_checkpoint_intact(monkeypatch: pytest.Mon
     t = trained(corpus, run)
     before = ck.list_checkpoints(str(run))
     t.step += 1  # a new step to save
-    monkeypatch.setattr(ck._HashingWriter, "write", disk_full_writer(after_bytes=4096))
+    monkeypatch.setattr(ck_io._HashingWriter, "write", disk_full_writer(after_bytes=4096))
     with pytest.raises(CheckpointError, match="disk full while writing .*step-00000007.pt; the previous checkpoint "
                                               "is intact: free some space"):
         t.save_checkpoint("periodic")
@@ -240,14 +241,14 @@ def test_disk_full_leaves_the_previous_checkpoint_intact(monkeypatch: pytest.Mon
 
 def test_disk_full_on_the_meta_file_removes_the_new_checkpoint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     run = str(tmp_path / "run")
-    ck.save_checkpoint(ck.checkpoint_name(run, 1), {"w": torch.ones(2)}, {"step": 1})
+    ck_io.write_checkpoint(ck.checkpoint_name(run, 1), {"w": torch.ones(2)}, {"step": 1})
 
     def full(path: str, obj) -> None:
-        raise ck._write_error(path, OSError(errno.ENOSPC, "No space left on device"))
+        raise ck_io._write_error(path, OSError(errno.ENOSPC, "No space left on device"))
 
-    monkeypatch.setattr(ck, "write_json_atomic", full)
+    monkeypatch.setattr(ck_io, "write_json_atomic", full)
     with pytest.raises(CheckpointError, match="disk full"):
-        ck.save_checkpoint(ck.checkpoint_name(run, 2), {"w": torch.ones(2)}, {"step": 2})
+        ck_io.write_checkpoint(ck.checkpoint_name(run, 2), {"w": torch.ones(2)}, {"step": 2})
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["step-00000001.meta.json", "step-00000001.pt"]
 
 

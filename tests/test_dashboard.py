@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 
-from engine.events import Recorder, StepEvent
-from engine.trainer import Trainer
+from engine.events import StepEvent
+from engine.recorder import Recorder
+from engine.trainer import EngineOptions, Trainer
 from tests.conftest import tiny_config
-from tui.app import DashboardApp, EngineThread
+from tui.app import DashboardApp
+from tui.launch import EngineThread
 from tui.sample_panel import SamplePanel
 from tui.widgets import (
     HelpScreen,
@@ -31,7 +33,7 @@ from tui.widgets import (
 
 def make_app(cfg: Any, trainer_cls: type = Trainer, **kw: Any) -> tuple[DashboardApp, Trainer, EngineThread]:
     rec = Recorder()
-    trainer = trainer_cls(cfg, rec, with_ui=True)
+    trainer = trainer_cls(cfg, rec, options=EngineOptions.interactive())
     engine = EngineThread(trainer, rec)
     app = DashboardApp(trainer, rec, run_dir=cfg.out, engine=engine, **kw)
     return app, trainer, engine
@@ -104,8 +106,8 @@ async def test_checkpoint_and_eval_keys(corpus: Path, tmp_path: Path, stop_engin
                     what="checkpoint path in the status line")
 
         await pilot.press("e")
-        await until(pilot, lambda: app.recorder.snapshot()["evals"], what="eval event")
-        ev = app.recorder.snapshot()["evals"][-1]
+        await until(pilot, lambda: app.recorder.snapshot().evals, what="eval event")
+        ev = app.recorder.snapshot().evals[-1]
         await until(pilot, lambda: f"@{ev.step}" in text_of(app, StatsPane), what="val loss in stats")
         assert f"{ev.val_loss:.4f}" in text_of(app, StatsPane)
 
@@ -147,7 +149,7 @@ async def test_generate_streams_into_samples_pane(corpus: Path, tmp_path: Path, 
         await until(pilot, lambda: "generate #2" in pane.plain() and pane.plain().count("chars") == 2,
                     what="second generation while paused")
         assert trainer.step == paused_at
-        assert trainer.model_ref.training, "training mode restored after generating"
+        assert trainer.model.training, "training mode restored after generating"
 
 
 async def test_generate_rejects_bad_settings(corpus: Path, tmp_path: Path, stop_engine: Any) -> None:
@@ -173,7 +175,7 @@ async def test_help_screen_and_axis_toggle(corpus: Path, tmp_path: Path, stop_en
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
         help_text = app.screen.query_one("#help-box").content.plain
-        for key in ("p", "c", "g", "e", "q / ctrl+c", "save a checkpoint and quit"):
+        for key in ("p", "c", "g", "e", "q ", "ctrl+c / ctrl+q", "save a checkpoint and quit"):
             assert key in help_text
         await pilot.press("escape")
         assert not isinstance(app.screen, HelpScreen)
@@ -270,7 +272,7 @@ async def test_setup_error_closes_the_app(tmp_path: Path, stop_engine: Any) -> N
 
 async def test_viewer_quit_leaves_the_run_going(corpus: Path, tmp_path: Path, stop_engine: Any) -> None:
     rec = Recorder()
-    trainer = Trainer(long_run(corpus, tmp_path), rec, with_ui=True)
+    trainer = Trainer(long_run(corpus, tmp_path), rec, options=EngineOptions.interactive())
     engine = EngineThread(trainer, rec)
     stop_engine((trainer, engine))
     engine.start()
@@ -293,7 +295,7 @@ async def test_read_only_view_sends_no_commands(corpus: Path, tmp_path: Path, st
         await pilot.press("p", "c", "e", "g")
         await pilot.pause(0.3)
         assert not trainer.paused and not isinstance(app.screen, SamplePanel)
-        assert trainer._cmd.queue.empty()
+        assert trainer.commands.take() == []
         assert "read-only" in text_of(app, StatusLine)
 
 
@@ -340,7 +342,7 @@ async def test_chart_draws_about_its_width_for_a_long_run() -> None:
         for i in range(1, n + 1):
             rec.emit(StepEvent(step=i, epoch=0, loss=4.0 - i / n, lr=1e-3, grad_norm=1.0, tokens_seen=512 * i,
                                tokens_per_sec=1.0, step_time=0.1))
-        return rec.snapshot()["steps"]
+        return rec.snapshot().steps
 
     long, short = history(100_000), history(100)
     assert len(long) <= rec_points()

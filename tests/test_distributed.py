@@ -15,8 +15,8 @@ import pytest
 from engine.checkpoint import list_checkpoints, load_checkpoint
 from engine.config import TrainConfig
 from engine.control import ControlClient, ControlError
-from engine.distributed import keep_global_batch
 from engine.events import read_metrics
+from engine.setup import keep_global_batch
 
 from .conftest import SMALL_TEXT, run_cli
 
@@ -84,7 +84,7 @@ def test_two_ranks_match_one_and_resume_on_one(corpus: Path, tmp_path: Path, sin
 
     # The step-3 checkpoint of 2 ranks continues on 1 rank exactly where it left off.
     ckpt = next(p for step, p, _ in list_checkpoints(str(out)) if step == 3)
-    assert load_checkpoint(ckpt)["world_size"] == 2
+    assert load_checkpoint(ckpt).world_size == 2
     resumed = tmp_path / "resumed"
     r = run_cli("train", "--headless", "--resume", ckpt, "--max-steps", "6", "--out", str(resumed),
                 env={"OMP_NUM_THREADS": "1"})
@@ -104,7 +104,7 @@ def test_fsdp_matches_and_its_checkpoint_loads_in_one_process(corpus: Path, tmp_
     assert_same_curve(losses(out), single_run)
     ckpt = next(p for step, p, _ in list_checkpoints(str(out)) if step == 3)
     obj = load_checkpoint(ckpt)
-    assert isinstance(next(iter(obj["optimizer"]["state"])), int)  # the plain torch.optim layout
+    assert isinstance(next(iter(obj.optimizer["state"])), int)  # the plain torch.optim layout
     resumed = tmp_path / "resumed"
     r = run_cli("train", "--headless", "--resume", ckpt, "--max-steps", "6", "--out", str(resumed),
                 env={"OMP_NUM_THREADS": "1"})
@@ -174,7 +174,7 @@ def test_commands_reach_every_rank_and_a_lost_rank_stops_the_job(corpus: Path, t
     assert "lost contact with another process of the torchrun job" in output
     assert f"--resume {out}" in output
     last = list_checkpoints(str(out))[-1][1]
-    assert load_checkpoint(last)["step"] >= step  # the last checkpoint is whole
+    assert load_checkpoint(last).step >= step  # the last checkpoint is whole
     failed = [r for r in read_metrics(str(out / "metrics.jsonl")) if r["type"] == "failed"]
     assert failed and "lost contact" in failed[-1]["error"]
 

@@ -6,29 +6,23 @@ import math
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from engine.errors import DivergenceError
-from engine.events import Recorder, read_metrics
-from engine.trainer import Trainer
+from engine.events import read_metrics
+from engine.recorder import Recorder
+from engine.trainer import EngineOptions, Trainer
 from tests.conftest import run_cli, tiny_config
-from tests.faults import LossFault, assert_one_clear_line, parse, run_faulty_cli
+from tests.faults import assert_one_clear_line, faulty_trainer, run_faulty_cli
 from tests.test_cli import TINY
 
 
-class Faulty(Trainer):
-    """A trainer whose loss goes bad at chosen steps (see tests.faults)."""
-
-    faults: dict[str, set[int]] = {}
-
-    def _wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        return LossFault(super()._wrap_model(model), self, self.faults)
-
-
-def faulty(spec: str) -> type[Faulty]:
-    return type("FaultyRun", (Faulty,), {"faults": parse(spec)})
+def faulty(spec: str) -> Any:
+    """A Trainer constructor whose runs' losses go bad at the steps of ``spec`` (see tests.faults)."""
+    return lambda *args, **kw: faulty_trainer(spec, *args, **kw)
 
 
 class Snapshots:
@@ -41,7 +35,7 @@ class Snapshots:
     def emit(self, e) -> None:
         if e.type == "step":
             t = self.trainer
-            state = {k: v.clone() for k, v in t.model_ref.state_dict().items()}
+            state = {k: v.clone() for k, v in t.model.state_dict().items()}
             for i, s in t.optimizer.state_dict()["state"].items():
                 state[f"opt{i}"] = s["exp_avg"].clone()
             self.after[e.step] = state
@@ -99,18 +93,18 @@ def test_loss_spike_stops_a_headless_run_only_when_asked(corpus: Path, tmp_path:
 def test_dashboard_run_pauses_on_divergence_and_continues(corpus: Path, tmp_path: Path):
     rec = Recorder()
     t = faulty("nan@5,6,7")(tiny_config(corpus, tmp_path / "run", max_steps=12, checkpoint_every=4), rec,
-                            pause_on_divergence=True)
+                            options=EngineOptions(pause_on_divergence=True))
     t.setup()
     result: dict[str, str] = {}
     th = threading.Thread(target=lambda: result.setdefault("end", t.fit()), daemon=True)
     th.start()
     deadline = time.time() + 60
-    while rec.snapshot()["state"] != "paused" and time.time() < deadline:
+    while rec.snapshot().state != "paused" and time.time() < deadline:
         time.sleep(0.02)
     snap = rec.snapshot()
-    assert snap["state"] == "paused" and t.paused
-    assert "3 non-finite steps in a row at step 7" in snap["state_message"]
-    assert "step-00000004.pt" in snap["state_message"]
+    assert snap.state == "paused" and t.paused
+    assert "3 non-finite steps in a row at step 7" in snap.state_message
+    assert "step-00000004.pt" in snap.state_message
     assert t.step == 7
     t.resume()
     th.join(60)

@@ -121,9 +121,9 @@ def test_run_dir_of(tmp_path: Path) -> None:
 
 
 def _save(run: Path, step: int, model: GPT, tok: CharTokenizer, val: float | None) -> str:
-    payload = {"kind": "full", "model": model.state_dict(), "model_config": model.cfg.to_dict(),
-               "tokenizer": tok.spec(), "step": step, "extra": {}}
-    return ck.save_checkpoint(ck.checkpoint_name(str(run), step), payload, {"step": step, "val_loss": val})
+    c = ck.Checkpoint(model=model.state_dict(), model_config=model.cfg.to_dict(), tokenizer=tok.spec(),
+                      train_config={}, step=step)
+    return ck.save_checkpoint(ck.checkpoint_name(str(run), step), c, ck.CheckpointMeta(step=step, val_loss=val))
 
 
 def test_checkpoint_samples_same_seed_skip_and_damage(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Instruction finetuning: Alpaca records, the template, the split, collate masks, FinetuneTrainer, the CLI."""
+"""Instruction finetuning: Alpaca records, the template, the split, collate masks, the trainer with InstructTask, the CLI."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ import torch
 
 from engine.config import TrainConfig
 from engine.errors import DataError
-from engine.events import Recorder
-from engine.inference import alpaca_prompt, load_for_inference
-from engine.instruct import FinetuneTrainer, collate, encode_records, load_records, split_records
+from engine.inference import load_for_inference
+from engine.instruct import collate, encode_records, load_records, split_records
+from engine.prompts import alpaca_prompt, format_prompt
+from engine.recorder import Recorder
 from engine.tokenizer import GPT2Tokenizer
+from engine.trainer import EngineOptions
 
 from .conftest import run_cli, shared
-from .gpt2_fixtures import tiny_gpt2_checkpoint
+from .gpt2_fixtures import finetune_trainer, tiny_gpt2_checkpoint
 
 P = 50256
 
@@ -141,21 +143,21 @@ def test_finetune_trainer_end_to_end(tmp_path: Path, init_ckpt: Path) -> None:
     records = make_records(40)
     data = write_records(tmp_path / "data.json", records)
     rec = Recorder()
-    t = FinetuneTrainer(finetune_config(tmp_path, init_ckpt, data), rec)
+    t = finetune_trainer(finetune_config(tmp_path, init_ckpt, data), rec)
     t.setup()
     assert (t.data.train.n_windows, t.data.test.n_windows, t.data.val.n_windows) == (34, 4, 2)
     assert t.context == 128 and t.steps_per_epoch == 17
-    x, y = t.micro_batch(0, 0)
+    x, y = t.batches.get(0, 0)
     assert x.shape == y.shape and x.shape[0] == 2
     assert (y[:, 0] == -100).all()  # prompt tokens are not learned
-    assert t.prompt_template("Name a fruit.") == alpaca_prompt("Name a fruit.")
+    assert format_prompt(t.template, "Name a fruit.") == alpaca_prompt("Name a fruit.")
     assert t.fit() == "finished"
 
     snap = rec.snapshot()
-    samples = [s for s in snap["samples"] if s.step == 2]
+    samples = [s for s in snap.samples if s.step == 2]
     assert [s.expected for s in samples] == [r["output"] for r in records[38:]]
     assert samples[0].prompt == records[38]["instruction"]
-    assert [e.step for e in snap["evals"]][:1] == [2]
+    assert [e.step for e in snap.evals][:1] == [2]
 
     responses = json.loads((tmp_path / "run" / "test_responses.json").read_text())
     assert [r["instruction"] for r in responses] == [r["instruction"] for r in records[34:38]]
@@ -168,13 +170,13 @@ def test_finetune_trainer_end_to_end(tmp_path: Path, init_ckpt: Path) -> None:
 def test_max_length_drops_records_whose_prompt_fills_it(tmp_path: Path, init_ckpt: Path) -> None:
     data = write_records(tmp_path / "data.json", make_records(40))
     rec = Recorder()
-    t = FinetuneTrainer(finetune_config(tmp_path, init_ckpt, data, max_length=40), rec)
+    t = finetune_trainer(finetune_config(tmp_path, init_ckpt, data, max_length=40), rec)
     t.setup()
-    x, _ = t.micro_batch(0, 0)
+    x, _ = t.batches.get(0, 0)
     assert x.shape[1] <= 40
     # prompts have 36 tokens, or 45 with an input: those 14 records cannot teach anything in 40 tokens
     assert t.data.dropped == 14
-    assert any("dropped" in e.message for e in rec.snapshot()["logs"])
+    assert any("dropped" in e.message for e in rec.snapshot().logs)
 
 
 def test_finetune_needs_a_gpt2_tokenizer_and_fitting_max_length(tmp_path: Path, init_ckpt: Path,
@@ -183,7 +185,7 @@ def test_finetune_needs_a_gpt2_tokenizer_and_fitting_max_length(tmp_path: Path, 
 
     data = write_records(tmp_path / "data.json", make_records(40))
     with pytest.raises(GptTuiError, match=r"--max-length 500 is longer than the model's position table \(128\)"):
-        FinetuneTrainer(finetune_config(tmp_path, init_ckpt, data, max_length=500)).setup()
+        finetune_trainer(finetune_config(tmp_path, init_ckpt, data, max_length=500)).setup()
 
 
 def test_cli_finetune_headless(tmp_path: Path, init_ckpt: Path) -> None:
@@ -222,25 +224,26 @@ def test_cli_finetune_errors_are_one_line(tmp_path: Path, init_ckpt: Path, args:
 def test_val_loss_falls_on_the_book_data(tmp_path: Path, init_ckpt: Path) -> None:
     data = shared("instruction-data.json")
     rec = Recorder()
-    t = FinetuneTrainer(finetune_config(tmp_path, init_ckpt, data, max_steps=30, batch_size=4, eval_every=10, lr=3e-3,
+    t = finetune_trainer(finetune_config(tmp_path, init_ckpt, data, max_steps=30, batch_size=4, eval_every=10, lr=3e-3,
                                         eval_batches=3, sample_every="0", test_responses=0), rec)
     t.setup()
     first = t.evaluate()[1]
     t.fit()
-    last = rec.snapshot()["evals"][-1].val_loss
+    last = rec.snapshot().evals[-1].val_loss
     assert last < first - 0.5, (first, last)
 
 
 async def test_dashboard_samples_show_the_expected_output(tmp_path: Path, init_ckpt: Path) -> None:
     import asyncio
 
-    from tui.app import DashboardApp, EngineThread
+    from tui.app import DashboardApp
+    from tui.launch import EngineThread
     from tui.widgets import SamplesPane
 
     records = make_records(40)
     data = write_records(tmp_path / "data.json", records)
     rec = Recorder()
-    trainer = FinetuneTrainer(finetune_config(tmp_path, init_ckpt, data, test_responses=0), rec, with_ui=True)
+    trainer = finetune_trainer(finetune_config(tmp_path, init_ckpt, data, test_responses=0), rec, options=EngineOptions.interactive())
     engine = EngineThread(trainer, rec)
     app = DashboardApp(trainer, rec, run_dir=str(tmp_path / "run"), engine=engine)
     try:

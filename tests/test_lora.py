@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,13 +12,12 @@ from engine import checkpoint as ck
 from engine.errors import CheckpointError, GptTuiError
 from engine.events import StepEvent
 from engine.inference import load_for_inference
-from engine.instruct import FinetuneTrainer
-from engine.lora import LoRALinear, apply_lora, count_parameters, lora_state_dict, model_from_lora_checkpoint
+from engine.lora import LoRALinear, apply_lora, count_parameters, lora_state_dict
 from engine.model import GPT, ModelConfig, preset_config
-from engine.pretrained import load_weights
+from engine.weights import load_weights, model_from_checkpoint
 
 from .conftest import run_cli
-from .gpt2_fixtures import tiny_gpt2_checkpoint
+from .gpt2_fixtures import finetune_trainer, tiny_gpt2_checkpoint
 from .test_instruct import finetune_config, make_records, write_records
 
 
@@ -68,7 +68,7 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     data = write_records(tmp / "data.json", make_records(40))
     cfg = finetune_config(tmp, init, data, lora_rank=4, lora_alpha=8.0, lora_layers="attn,mlp,head", lr=1e-2,
                           sample_every="0", test_responses=1)
-    t = FinetuneTrainer(cfg)
+    t = finetune_trainer(cfg)
     t.setup()
     assert t.fit() == "finished"
     return {"tmp": tmp, "init": init, "data": data, "run": tmp / "run", "trainer": t}
@@ -77,37 +77,36 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_base_is_frozen_and_adapters_learn(lora_run: dict) -> None:
     t = lora_run["trainer"]
     base = load_weights(str(lora_run["init"])).state_dict()
-    live = t.model_ref.state_dict()
+    live = t.model.state_dict()
     for name, value in base.items():
         parts = name.rsplit(".", 1)
         wrapped = f"{parts[0]}.base.{parts[1]}"
         assert torch.equal(live[wrapped] if wrapped in live else live[name], value), name
-    adapters = lora_state_dict(t.model_ref)
+    adapters = lora_state_dict(t.model)
     assert len(adapters) == 2 * 9
     assert all(v.abs().sum() > 0 for k, v in adapters.items() if k.endswith("lora_b"))  # B started at zero
 
 
 def test_checkpoint_holds_only_adapters_and_the_base_reference(lora_run: dict) -> None:
-    obj = ck.load_checkpoint(str(lora_run["run"]))
-    assert obj["kind"] == "lora" and obj["_meta"]["kind"] == "lora"
-    assert obj["model"].keys() == lora_state_dict(lora_run["trainer"].model_ref).keys()
-    info = obj["lora"]
+    c = ck.load_checkpoint(str(lora_run["run"]))
+    assert c.kind == "lora" and c.meta["kind"] == "lora"
+    assert c.model.keys() == lora_state_dict(lora_run["trainer"].model).keys()
+    info = c.lora
     assert info["base"] == str(lora_run["init"]) and info["base_sha256"] == ck.read_meta(str(lora_run["init"]))["sha256"]
     assert (info["rank"], info["alpha"], info["layers"]) == (4, 8.0, "attn,mlp,head")
-    assert obj["extra"]["template"] == "alpaca"
+    assert c.extra["template"] == "alpaca"
 
 
 def test_merged_export_equals_adapter_forward(lora_run: dict) -> None:
-    obj = ck.load_checkpoint(str(lora_run["run"]))
-    adapted = model_from_lora_checkpoint(obj, merge=False).eval()
+    adapted = model_from_checkpoint(ck.load_checkpoint(str(lora_run["run"])), merge=False).eval()
     out = lora_run["tmp"] / "merged.pt"
     r = run_cli("export", str(lora_run["run"]), "--out", str(out))
     assert r.returncode == 2 and "add --merge" in r.stderr and r.stderr.count("\n") == 1
     r = run_cli("export", str(lora_run["run"]), "--merge", "--out", str(out))
     assert r.returncode == 0, r.stderr
     merged = ck.load_checkpoint(str(out))
-    assert merged["kind"] == "full" and merged["extra"]["template"] == "alpaca"
-    assert not merged["model_config"]["tie_weights"]  # the head's adapter made it differ from the embedding
+    assert merged.kind == "full" and merged.extra["template"] == "alpaca"
+    assert not merged.model_config["tie_weights"]  # the head's adapter made it differ from the embedding
     lm = load_for_inference(str(out), "cpu")
     assert not any(isinstance(m, LoRALinear) for m in lm.model.modules())
     idx = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -122,23 +121,23 @@ def test_lora_resume_continues_exactly(lora_run: dict, tmp_path: Path) -> None:
     kw = dict(lora_rank=4, lora_alpha=8.0, lora_layers="attn,mlp,head", lr=1e-2, sample_every="0", test_responses=0)
 
     class StopAt2:
-        trainer: FinetuneTrainer
+        trainer: Any
 
         def emit(self, e) -> None:
             if isinstance(e, StepEvent) and e.step == 2:
                 self.trainer.stop(save=True)
 
     sink = StopAt2()
-    t = FinetuneTrainer(finetune_config(tmp_path, init, data, **kw), sink)
+    t = finetune_trainer(finetune_config(tmp_path, init, data, **kw), sink)
     sink.trainer = t
     t.setup()
     assert t.fit() == "stopped" and t.step == 2
-    resumed = FinetuneTrainer(finetune_config(tmp_path, init, data, resume=str(tmp_path / "run"), **kw))
+    resumed = finetune_trainer(finetune_config(tmp_path, init, data, resume=str(tmp_path / "run"), **kw))
     resumed.setup()
     assert resumed.step == 2
     assert resumed.fit() == "finished"
-    a = lora_state_dict(resumed.model_ref)
-    b = lora_state_dict(lora_run["trainer"].model_ref)
+    a = lora_state_dict(resumed.model)
+    b = lora_state_dict(lora_run["trainer"].model)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
 

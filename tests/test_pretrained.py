@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from engine.errors import CheckpointError, GptTuiError
-from engine.pretrained import init_context_length, load_gpt2, load_init_model, open_source
+from engine.pretrained import load_gpt2, open_source
 from engine.tf_checkpoint import TFCheckpoint, crc32c, masked_crc32c, read_index
+from engine.weights import init_context_length, load_init_model
 
 from .conftest import run_cli, tiny_config
 from .gpt2_fixtures import (
@@ -192,7 +193,7 @@ def test_init_context_default_and_limit(tmp_path: Path, tensors, corpus: Path) -
     assert init_context_length(str(folder)) == HP["n_ctx"]
     cfg = tiny_config(corpus, tmp_path / "run", tokenizer="auto", context=64)
     with pytest.raises(GptTuiError, match=r"--context 64 is longer than the position table .* \(32 positions\)"):
-        load_init_model(str(folder), cfg)
+        load_init_model(str(folder), cfg.dropout, cfg.context)
 
     from engine.trainer import Trainer
 
@@ -201,7 +202,7 @@ def test_init_context_default_and_limit(tmp_path: Path, tensors, corpus: Path) -
     t = Trainer(cfg)
     t.setup()
     assert t.context == HP["n_ctx"] and t.tokenizer.name == "gpt2"
-    assert t.model_ref.cfg.n_embd == HP["n_embd"]
+    assert t.model.cfg.n_embd == HP["n_embd"]
     assert t.fit() == "finished"
 
 
@@ -214,8 +215,8 @@ def test_cli_import_then_generate_and_init(tmp_path: Path, tensors) -> None:
     from engine.checkpoint import load_checkpoint
 
     obj = load_checkpoint(str(out))
-    assert obj["kind"] == "full" and obj["tokenizer"] == {"type": "gpt2"} and obj["optimizer"] is None
-    model = load_init_model(str(out), tiny_config("x", tmp_path, dropout=None, context=None))
+    assert obj.kind == "full" and obj.tokenizer == {"type": "gpt2"} and obj.optimizer is None
+    model = load_init_model(str(out))
     np.testing.assert_allclose(our_logits(model, IDS), reference_logits(tensors, HP, IDS), rtol=1e-4, atol=2e-4)
     r = run_cli("generate", str(out), "--prompt", "Hello", "-n", "5", "--seed", "1")
     assert r.returncode == 0, r.stderr

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from engine import checkpoint as ck
-from engine.events import Recorder, read_metrics
-from engine.trainer import Trainer
+from engine.events import read_metrics
+from engine.recorder import Recorder
+from engine.trainer import EngineOptions, Trainer
 from tests.conftest import run_cli, tiny_config
 from tests.test_cli import TINY
 
@@ -81,7 +82,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(corpus: Path, tmp_path: Pa
         assert first.fit() == "stopped" and first.step == k
         second = Trainer(tiny_config(corpus, run, resume=str(run), **kw))
         second.setup()
-        assert second.restored["step"] == k and second.step == k and second.config_changes == []
+        assert second.resumed.step == k and second.step == k and second.config_changes == []
         assert second.fit() == "finished"
         loss, epoch = by_step(run), by_step(run, field="epoch")
         after = range(k + 1, 46)
@@ -91,7 +92,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(corpus: Path, tmp_path: Pa
             s: v for s, v in ref_val.items() if s > k}
         got = final_state(run)
         for key in ("model", "optimizer", "rng", "step", "epoch", "tokens_seen", "best_val", "data", "guard"):
-            assert_same_tensors(got[key], ref_final[key])
+            assert_same_tensors(getattr(got, key), getattr(ref_final, key))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -122,7 +123,7 @@ def test_paused_and_checkpointed_run_resumes_exactly(corpus: Path, tmp_path: Pat
 
     run = tmp_path / "run"
     rec = Recorder()
-    t = Trainer(tiny_config(corpus, run, **kw), rec, with_ui=True)
+    t = Trainer(tiny_config(corpus, run, **kw), rec, options=EngineOptions.interactive())
     t.setup()
     th = threading.Thread(target=t.fit, daemon=True)
     th.start()
@@ -133,12 +134,12 @@ def test_paused_and_checkpointed_run_resumes_exactly(corpus: Path, tmp_path: Pat
             assert time.time() < deadline, what
             time.sleep(0.01)
 
-    wait(lambda: rec.snapshot()["last_step"] is not None and rec.snapshot()["last_step"].step >= 8, "steps")
+    wait(lambda: rec.snapshot().last_step is not None and rec.snapshot().last_step.step >= 8, "steps")
     t.pause()  # as the dashboard's p, then its checkpoint key
-    wait(lambda: rec.snapshot()["state"] == "paused", "pause")
+    wait(lambda: rec.snapshot().state == "paused", "pause")
     t.request_checkpoint()
-    wait(lambda: rec.snapshot()["last_checkpoint"] is not None, "checkpoint")
-    saved = rec.snapshot()["last_checkpoint"]
+    wait(lambda: rec.snapshot().last_checkpoint is not None, "checkpoint")
+    saved = rec.snapshot().last_checkpoint
     k = t.step
     assert saved.reason == "requested" and saved.step == k and 8 <= k < 30
     t.stop(save=False)

@@ -14,11 +14,11 @@ from textual.app import App
 from textual.widgets import DataTable, Input, ListView, Static
 
 from engine import checkpoint as ck
-from engine.events import Recorder
 from engine.inference import load_for_inference
 from engine.model import GPT, ModelConfig
+from engine.recorder import Recorder
 from engine.sampling import SampleSettings
-from engine.trainer import Trainer
+from engine.trainer import EngineOptions, Trainer
 from tests.conftest import SMALL_TEXT, run_cli, tiny_config
 from tui.cmd_sample import SampleApp
 from tui.sample_panel import LiveBackend, ModelBackend, SamplePanel, parse_settings
@@ -55,9 +55,9 @@ def gpt2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mcfg = ModelConfig(vocab_size=50257, context_length=48, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
     model = GPT(mcfg)
     path = tmp_path_factory.mktemp("gpt2-ckpt") / "checkpoints" / "step-00000000.pt"
-    payload = {"kind": "full", "model": model.state_dict(), "model_config": mcfg.to_dict(),
-               "tokenizer": {"type": "gpt2"}, "step": 0, "extra": {"template": "alpaca"}}
-    ck.save_checkpoint(str(path), payload, {"step": 0})
+    c = ck.Checkpoint(model=model.state_dict(), model_config=mcfg.to_dict(), tokenizer={"type": "gpt2"},
+                      train_config={}, extra={"template": "alpaca"})
+    ck.save_checkpoint(str(path), c, ck.CheckpointMeta(step=0))
     return path
 
 
@@ -234,7 +234,7 @@ def test_parse_settings_names_the_bad_field() -> None:
 # --------------------------------------------------------------- the live backend
 async def test_live_backend_generates_from_a_training_run(tmp_path: Path, corpus: Path) -> None:
     recorder = Recorder()
-    trainer = Trainer(tiny_config(corpus, tmp_path / "run", max_steps=4), recorder, with_ui=True)
+    trainer = Trainer(tiny_config(corpus, tmp_path / "run", max_steps=4), recorder, options=EngineOptions.interactive())
     trainer.setup()
     thread = threading.Thread(target=trainer.fit, daemon=True)
     thread.start()
@@ -248,17 +248,19 @@ async def test_live_backend_generates_from_a_training_run(tmp_path: Path, corpus
             await wait_until(pilot, lambda: not panel.generating, what="the live generation")
             assert len(panel.history[-1].output) == 12
             assert got == [("It had", panel.history[-1].output)]
-            # a char the corpus never had is named before anything is queued
+            # a char the corpus never had is named by the engine, and nothing is generated
             await type_prompt(pilot, panel, "Q")
             panel.query_one("#sp-prompt").insert("€")
+            entries = len(panel.history)
             await pilot.press("enter")
-            assert not panel.generating and "'€'" in status(panel)
+            await wait_until(pilot, lambda: not panel.generating, what="the refusal")
+            assert "'€'" in status(panel) and len(panel.history) == entries
             # a long one is stopped by the user
             await set_field(pilot, panel, "max_new_tokens", "100000")
             await type_prompt(pilot, panel, "It")
             await pilot.press("enter")
             assert panel.generating
-            await wait_until(pilot, lambda: len(panel._output) > 0)
+            await wait_until(pilot, lambda: len(panel.output_text) > 0)
             await pilot.press("ctrl+c")
             assert panel.history[-1].stopped and not panel.generating
             # the next one starts once the engine has ended the stopped one, and gets only its own text
@@ -325,9 +327,8 @@ async def test_timeline_in_step_order_and_refresh_while_training(tiny_run: Path)
 
         # the run goes on: a new checkpoint and a new recorded sample appear
         obj = ck.load_checkpoint(str(tiny_run))
-        payload = {k: v for k, v in obj.items() if not k.startswith("_")}
-        payload["step"] = 15
-        ck.save_checkpoint(ck.checkpoint_name(str(tiny_run), 15), payload, {"step": 15, "val_loss": 1.5})
+        obj.step = 15
+        ck.save_checkpoint(ck.checkpoint_name(str(tiny_run), 15), obj, ck.CheckpointMeta(step=15, val_loss=1.5))
         with open(tiny_run / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write('{"type": "sample", "step": 15, "epoch": 1, "text": "later", "prompt": "It"}\n{"type": "sa')
         await pilot.press("ctrl+r")

@@ -52,8 +52,8 @@ def assert_disk_intact(run: Path) -> int:
     for _, p, _ in cks:
         ck.verify_checkpoint(p)
     obj = ck.load_checkpoint(str(run))
-    assert obj["_skipped"] == []
-    return obj["step"]
+    assert obj.skipped == []
+    return obj.step
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -306,7 +306,8 @@ def test_freed_memory_is_reused_without_page_faults(malloc: str) -> None:
 
 def test_only_big_models_get_the_allocator_tuning(corpus, tmp_path) -> None:
     from engine.config import TrainConfig
-    from engine.trainer import KEEP_MEMORY_FROM_PARAMS, Trainer, expected_params
+    from engine.setup import KEEP_MEMORY_FROM_PARAMS, expected_params
+    from engine.trainer import Trainer
 
     assert expected_params(TrainConfig(preset="tiny")) < KEEP_MEMORY_FROM_PARAMS  # one arena slows it down
     assert expected_params(TrainConfig(preset="small", tokenizer="char")) > KEEP_MEMORY_FROM_PARAMS
@@ -315,6 +316,6 @@ def test_only_big_models_get_the_allocator_tuning(corpus, tmp_path) -> None:
     t = Trainer(tiny_config(corpus, tmp_path / "run", max_steps=1))
     t.setup()
     t.fit()
-    n = t.model_ref.num_params()
+    n = t.model.num_params()
     assert expected_params(TrainConfig(resume=str(tmp_path / "run"))) == n
     assert expected_params(TrainConfig(resume=t.last_checkpoint)) == n

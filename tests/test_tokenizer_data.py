@@ -44,7 +44,7 @@ def test_gpt2_byte_pieces_of_chinese():
 
 
 def test_char_tokenizer_round_trip_and_unknown_chars():
-    tok = CharTokenizer.from_text("hello world")
+    tok = CharTokenizer("hello world")
     assert tok.decode(tok.encode("hello")) == "hello"
     with pytest.raises(GptTuiError, match="outside the char vocabulary"):
         tok.encode("hexz")

@@ -11,9 +11,11 @@ import pytest
 
 from engine.config import TrainConfig, load_toml
 from engine.errors import GptTuiError
-from engine.events import Recorder, read_metrics
+from engine.events import read_metrics
+from engine.recorder import Recorder
 from engine.sampling import SampleSettings
-from engine.trainer import Trainer, lr_at
+from engine.setup import lr_at
+from engine.trainer import EngineOptions, Trainer
 from tests.conftest import tiny_config
 
 
@@ -67,12 +69,12 @@ def test_gradient_accumulation_matches_a_bigger_batch(corpus: Path, tmp_path: Pa
 def test_gradient_clipping_bounds_the_update(corpus: Path, tmp_path: Path):
     t = Trainer(tiny_config(corpus, tmp_path / "r", grad_clip=1e-6, max_steps=3, lr=1.0, warmup_steps=0))
     t.setup()
-    before = {k: v.clone() for k, v in t.model_ref.state_dict().items()}
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
     t.fit()
     # with a clip this small, AdamW's normalized step still moves weights by about lr; we only check
     # the reported norm is the pre-clip norm and training stayed finite
     assert all(r["grad_norm"] > 1e-6 for r in steps_of(tmp_path / "r"))
-    assert any((before[k] != v).any() for k, v in t.model_ref.state_dict().items())
+    assert any((before[k] != v).any() for k, v in t.model.state_dict().items())
 
 
 def test_epochs_bound_the_run(corpus: Path, tmp_path: Path):
@@ -90,6 +92,11 @@ def run_in_thread(t: Trainer) -> threading.Thread:
     return th
 
 
+def done(rec: Recorder, rid: int) -> bool:
+    gen = rec.snapshot().generations.get(rid)
+    return gen is not None and gen.done is not None
+
+
 def wait_for(cond, timeout: float = 30.0) -> None:
     end = time.time() + timeout
     while time.time() < end:
@@ -101,7 +108,7 @@ def wait_for(cond, timeout: float = 30.0) -> None:
 
 def test_pause_stops_compute_and_resume_continues(corpus: Path, tmp_path: Path):
     rec = Recorder()
-    t = Trainer(tiny_config(corpus, tmp_path / "r", max_steps=100000, eval_every=0), rec, with_ui=True)
+    t = Trainer(tiny_config(corpus, tmp_path / "r", max_steps=100000, eval_every=0), rec, options=EngineOptions.interactive())
     t.setup()
     th = run_in_thread(t)
     wait_for(lambda: t.step >= 3)
@@ -127,31 +134,31 @@ def test_generation_from_live_weights_does_not_disturb_training(corpus: Path, tm
     plain.fit()
 
     rec = Recorder()
-    t = Trainer(tiny_config(corpus, tmp_path / "gen", max_steps=12, dropout=0.1), rec, with_ui=True)
+    t = Trainer(tiny_config(corpus, tmp_path / "gen", max_steps=12, dropout=0.1), rec, options=EngineOptions.interactive())
     t.setup()
     t.pause()
     th = run_in_thread(t)
     rid = t.request_generate("It had", SampleSettings(max_new_tokens=20, temperature=1.0, seed=3))
-    wait_for(lambda: rid in rec.snapshot()["generation_done"])
+    wait_for(lambda: done(rec, rid))
     t.resume()
     wait_for(lambda: t.step >= 6)
     rid2 = t.request_generate("What", SampleSettings(max_new_tokens=10))
-    wait_for(lambda: t.state == "finished" and rid2 in rec.snapshot()["generation_done"])
+    wait_for(lambda: t.state == "finished" and done(rec, rid2))
     t.stop()  # with a UI the engine serves requests after the run until it is stopped
     th.join(60)
     assert not th.is_alive()
     snap = rec.snapshot()
-    assert len(snap["generations"][rid]) > 0 and rid2 in snap["generation_done"]
+    assert len(snap.generations[rid].text) > 0 and snap.generations[rid2].done is not None
     assert [r["loss"] for r in steps_of(tmp_path / "gen")] == [r["loss"] for r in steps_of(tmp_path / "plain")]
 
 
 def test_eval_on_request(corpus: Path, tmp_path: Path):
     rec = Recorder()
-    t = Trainer(tiny_config(corpus, tmp_path / "r", max_steps=100000, eval_every=0), rec, with_ui=True)
+    t = Trainer(tiny_config(corpus, tmp_path / "r", max_steps=100000, eval_every=0), rec, options=EngineOptions.interactive())
     t.setup()
     th = run_in_thread(t)
     t.request_eval()
-    wait_for(lambda: len(rec.snapshot()["evals"]) >= 1)
+    wait_for(lambda: len(rec.snapshot().evals) >= 1)
     t.stop(save=False)
     th.join(30)
     assert not th.is_alive()
@@ -161,7 +168,7 @@ def test_betas_and_weight_init_reach_the_run(corpus: Path, tmp_path: Path):
     t = Trainer(tiny_config(corpus, tmp_path / "run", beta2=0.999, weight_init="torch", max_steps=2))
     t.setup()
     assert all(g["betas"] == (0.9, 0.999) for g in t.optimizer.param_groups)
-    assert float(t.model_ref.tok_emb.weight.detach().std()) > 0.5  # N(0, 1), not GPT-2's 0.02
+    assert float(t.model.tok_emb.weight.detach().std()) > 0.5  # N(0, 1), not GPT-2's 0.02
     t.fit()
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert cfg["beta2"] == 0.999 and cfg["weight_init"] == "torch"
@@ -188,4 +195,4 @@ def test_recorder_memory_stays_flat():
         rec.emit(StepEvent(step=i + 1, epoch=0, loss=1.0, lr=1e-3, grad_norm=1.0, tokens_seen=i, tokens_per_sec=1.0,
                            step_time=0.1))
     snap = rec.snapshot()
-    assert len(snap["steps"]) < 256 and snap["steps"][0][0] == 1 and snap["steps"][-1][0] > 99_000
+    assert len(snap.steps) < 256 and snap.steps[0][0] == 1 and snap.steps[-1][0] > 99_000

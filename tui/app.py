@@ -1,16 +1,10 @@
-"""The training dashboard: a Textual app around a training run in a background thread.
+"""The training dashboard: a Textual app around a run's controller and its recorder.
 
 The app never calls into the engine's thread and the engine never calls into the app: the
-engine records events into a bounded :class:`engine.events.Recorder`, which the app polls
+engine records events into a bounded :class:`engine.recorder.Recorder`, which the app polls
 a few times a second (skipping the redraw when nothing changed), and the app drives the
-run through the controller's thread-safe commands (``toggle_pause``, ``request_checkpoint``,
-``request_eval``, ``request_generate``, ``cancel_generation``, ``stop``). The controller is
-a :class:`engine.trainer.Trainer` here, and can be any object with those methods (a remote
-run, for ``gpt-tui attach``); with ``owns_engine=False`` ``q`` only closes the viewer.
-
-Exit codes of ``gpt-tui train`` with the dashboard: 0 after ``q``/Ctrl+C (a checkpoint is
-saved first) or a finished run; the engine error's own code (1, or 2 for bad input) with
-one line on stderr after a failed run; 130 when quit a second time without waiting.
+run through a :class:`engine.commands.RunController` (the local trainer, a remote run for
+``gpt-tui attach``, or a read-only viewer); with ``owns_engine=False`` ``q`` only closes the viewer.
 """
 
 from __future__ import annotations
@@ -18,18 +12,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
-import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from textual.app import App, ComposeResult
-from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer
 
-from engine.events import LogEvent, Recorder
+from engine.commands import RunController
+from engine.recorder import Recorder, Snapshot
 
+from .format import short_path
+from .keys import bindings, commanding_actions
 from .widgets import (
     DONE_STATES,
     HelpScreen,
@@ -41,81 +35,15 @@ from .widgets import (
     StatusLine,
     generation_text,
     sample_text,
-    short_path,
     stats_rows,
 )
 
+if TYPE_CHECKING:
+    from .launch import EngineThread, ExitGuard
+
 PAUSING = "pausing at the next step"
-
-
-class SetupCancelled(Exception):
-    """Raised from the tokenizer's progress callback when the run is stopped during setup."""
-
-
-class EngineThread(threading.Thread):
-    """Runs ``trainer.setup()`` then ``trainer.fit()``, keeping the result or the error.
-
-    A daemon thread, so a forced exit never waits on it; the normal exit paths stop the
-    trainer and join it, so no thread is left running.
-    """
-
-    def __init__(self, trainer: Any, recorder: Recorder, after_setup: Any = None) -> None:
-        super().__init__(name="gpt-tui-engine", daemon=True)
-        self.trainer = trainer
-        self.recorder = recorder
-        self.after_setup = after_setup
-        self.in_setup = True
-        self.result: str | None = None
-        self.error: BaseException | None = None
-        self._last_progress = 0.0
-        trainer.progress = self._progress
-
-    def _progress(self, done: int, total: int) -> None:
-        if self.trainer.stopping:
-            raise SetupCancelled()
-        now = time.monotonic()
-        if done < total and now - self._last_progress < 0.25:
-            return
-        self._last_progress = now
-        self.recorder.emit(LogEvent(level="progress",
-                                    message=f"tokenizing {done / 2**20:.1f}/{total / 2**20:.1f} MB"))
-
-    def run(self) -> None:
-        try:
-            self.trainer.setup()
-            self.in_setup = False
-            if self.after_setup is not None:
-                self.after_setup()
-            self.result = self.trainer.fit()
-        except SetupCancelled:
-            self.result = "stopped"
-        except BaseException as e:  # noqa: BLE001  (kept and re-raised on the main thread)
-            self.error = e
-
-
-class ExitGuard:
-    """Ends the process if the app's own exit hangs (seen when the terminal hung up)."""
-
-    def __init__(self, timeout: float = 5.0) -> None:
-        self.timeout = timeout
-        self._disarmed = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def arm(self, code: int) -> None:
-        if self._thread is not None:
-            return
-
-        def watch() -> None:
-            if not self._disarmed.wait(self.timeout):
-                os._exit(code)
-
-        self._thread = threading.Thread(target=watch, name="gpt-tui-exit-guard", daemon=True)
-        self._thread.start()
-
-    def disarm(self) -> None:
-        self._disarmed.set()
-        if self._thread is not None:
-            self._thread.join()
+READ_ONLY_KEYS = {"p": "pause", "c": "checkpoint", "e": "evaluate", "g": "generate", "s": "change settings",
+                  "plus": "change the learning rate", "minus": "change the learning rate"}
 
 
 class DashboardApp(App[int]):
@@ -129,20 +57,9 @@ class DashboardApp(App[int]):
     CHART_INTERVAL = 1.0
     """Least seconds between chart redraws (plotext is the dearest part of a frame)."""
 
-    BINDINGS = [
-        Binding("p", "pause", "pause"),
-        Binding("c", "checkpoint", "checkpoint"),
-        Binding("g", "generate", "generate"),
-        Binding("e", "eval", "eval"),
-        Binding("x", "toggle_axis", "axis"),
-        Binding("y", "toggle_log", "log y", show=False),
-        Binding("question_mark", "help", "help", key_display="?"),
-        Binding("q", "quit_run", "quit"),
-        Binding("ctrl+c", "quit_run", "quit", show=False, priority=True),
-        Binding("ctrl+q", "quit_run", "quit", show=False, priority=True),
-    ]
+    BINDINGS = bindings()
 
-    def __init__(self, controller: Any, recorder: Recorder, run_dir: str | None = None, read_only: bool = False,
+    def __init__(self, controller: RunController, recorder: Recorder, run_dir: str | None = None, read_only: bool = False,
                  owns_engine: bool = True, engine: EngineThread | None = None, handle_signals: bool = False,
                  exit_guard: ExitGuard | None = None) -> None:
         super().__init__()
@@ -160,7 +77,7 @@ class DashboardApp(App[int]):
         self.forced = False
         self.note: tuple[str, str] = ("", "")
         self.generations: dict[int, tuple[str, int]] = {}  # request id -> (prompt, step)
-        self.snap: dict[str, Any] | None = None
+        self.snap: Snapshot | None = None
         self._version = -1
         self._chart_sig: Any = None
         self._chart_time = 0.0
@@ -222,7 +139,7 @@ class DashboardApp(App[int]):
         if version is not None and version == self._version and not self.quitting and not ended:
             return
         snap = self.recorder.snapshot()
-        self._version = snap["version"]
+        self._version = snap.version
         self.snap = snap
         self.clock.update(snap)
         self.query_one(StatsPane).show(stats_rows(snap, self.clock))
@@ -236,26 +153,26 @@ class DashboardApp(App[int]):
             elif self.engine is not None and self.engine.error is not None and self.engine.in_setup:
                 self._exit_with(1)  # nothing to show: run_dashboard prints the error
 
-    def engine_done(self, snap: dict[str, Any]) -> bool:
+    def engine_done(self, snap: Snapshot) -> bool:
         if self.engine is not None:
             return not self.engine.is_alive() and self.engine.ident is not None
-        return snap["state"] in DONE_STATES
+        return snap.state in DONE_STATES
 
-    def _update_charts(self, snap: dict[str, Any], force: bool = False) -> None:
-        steps, evals = snap["steps"], snap["evals"]
+    def _update_charts(self, snap: Snapshot, force: bool = False) -> None:
+        steps, evals = snap.steps, snap.evals
         sig = (len(steps), steps[-1] if steps else None, len(evals), self.axis)
         now = time.monotonic()
         if sig == self._chart_sig or (not force and now - self._chart_time < self.CHART_INTERVAL
-                                      and snap["state"] == "running"):
+                                      and snap.state == "running"):
             return
         self._chart_sig, self._chart_time = sig, now
         self.query_one(LossChart).set_data(steps, evals, self.axis)
         self.query_one(LRChart).set_data(steps, [], self.axis)
 
-    def _update_samples(self, snap: dict[str, Any]) -> None:
+    def _update_samples(self, snap: Snapshot) -> None:
         pane = self.query_one(SamplesPane)
-        samples = snap["samples"]
-        logs = [lg for lg in snap["logs"] if lg.level in ("warning", "error")]
+        samples = snap.samples
+        logs = [lg for lg in snap.logs if lg.level in ("warning", "error", "target")]
         sig = (len(samples), samples[-1].time if samples else None, len(logs), logs[-1].time if logs else None)
         if sig != self._samples_sig:
             self._samples_sig = sig
@@ -272,32 +189,25 @@ class DashboardApp(App[int]):
 
                     pane.put(key, Text(f"{ev.level} at step {ev.step:,}: {ev.message}",
                                        style="bold red" if ev.level == "error" else "yellow"))
-        texts, done = snap["generations"], snap["generation_done"]
-        for rid in texts:
-            if rid not in self.generations:  # asked for elsewhere (another screen or viewer)
-                d = done.get(rid)
-                self.generations[rid] = (d.prompt if d else "", snap["last_step"].step if snap["last_step"] else 0)
-        for rid, (prompt, step) in self.generations.items():
-            text = texts.get(rid, "")
-            d = done.get(rid)
-            if not prompt and d is not None and d.prompt:
-                prompt = d.prompt
-                self.generations[rid] = (prompt, step)
-            shown = (len(text), d is not None)
+        for rid, gen in snap.generations.items():
+            if rid not in self.generations:  # asked for here, on another screen or by another viewer
+                self.generations[rid] = (gen.prompt, snap.step)
+            prompt, step = self.generations[rid]
+            shown = (len(gen.text), gen.done is not None)
             if self._gen_shown.get(rid) != shown:
                 self._gen_shown[rid] = shown
-                pane.put(("gen", rid), generation_text(rid, step, prompt, text, d))
+                pane.put(("gen", rid), generation_text(rid, step, prompt or gen.prompt, gen.text, gen.done))
 
-    def _events(self, snap: dict[str, Any]) -> None:
+    def _events(self, snap: Snapshot) -> None:
         """Rare events: a checkpoint written, the run failed."""
-        ck = snap["last_checkpoint"]
+        ck = snap.last_checkpoint
         if ck is not None and ck.path != self._last_ckpt:
             first = self._last_ckpt is None and ck.reason != "requested"
             self._last_ckpt = ck.path
             self.note = (f"saved {self.rel_to_run(ck.path)}", "cyan")
             if not first or ck.reason == "requested":
                 self.notify(f"checkpoint saved: {short_path(ck.path)}", title="checkpoint", timeout=4)
-        failed = snap["failed"]
+        failed = snap.failed
         if failed is not None and not self._failed_shown:
             from rich.text import Text
 
@@ -308,9 +218,9 @@ class DashboardApp(App[int]):
                 "press q to exit", style="bold red"))
             self.notify(failed.error, title="run failed", severity="error", timeout=30)
 
-    def _update_status(self, snap: dict[str, Any]) -> None:
-        state = snap["state"]
-        start = snap["start"]
+    def _update_status(self, snap: Snapshot) -> None:
+        state = snap.state
+        start = snap.start
         if self.quitting and state not in DONE_STATES:
             state = "stopping"
         elif state == "running" and self.controller_paused():
@@ -318,16 +228,16 @@ class DashboardApp(App[int]):
         if state == "paused" and self.note[0] == PAUSING:
             self.note = ("paused · p resumes", "yellow")
         note, style = self.note
-        if snap["failed"] is not None:
-            note, style = snap["failed"].error, "bold red"
+        if snap.failed is not None:
+            note, style = snap.failed.error, "bold red"
         elif self.quitting and state == "stopping":
             note, style = "saving a checkpoint at the next step (q again: quit without waiting)", "yellow"
-        elif snap["state_message"] and state in ("paused", "failed"):
-            note, style = snap["state_message"], "yellow"
+        elif snap.state_message and state in ("paused", "failed"):
+            note, style = snap.state_message, "yellow"
         elif state in ("finished", "stopped"):
-            note = (snap["state_message"] + " · " if snap["state_message"] else "") + "q exits"
-        elif state == "starting":
-            progress = [lg for lg in snap["logs"] if lg.level == "progress"]
+            note = (snap.state_message + " · " if snap.state_message else "") + "q exits"
+        elif state in ("starting", "finishing"):
+            progress = [lg for lg in snap.logs if lg.level == "progress"]
             note, style = (progress[-1].message if progress else "setting up"), "dim"
         if self.read_only:
             note = "read-only · " + note
@@ -336,7 +246,7 @@ class DashboardApp(App[int]):
 
     def rel_to_run(self, path: str) -> str:
         """A checkpoint path relative to the run directory shown beside it."""
-        start = self.snap["start"] if self.snap else None
+        start = self.snap.start if self.snap else None
         base = start.run_dir if start else self.run_dir
         if base and os.path.abspath(path).startswith(os.path.abspath(base) + os.sep):
             return os.path.relpath(path, base)
@@ -356,11 +266,11 @@ class DashboardApp(App[int]):
     # ------------------------------------------------------------ keys
     def _command(self, what: str, while_running_only: bool = False) -> bool:
         """Whether a command can go to the engine now (a notice says why not)."""
-        state = self.snap["state"] if self.snap is not None else "starting"
+        state = self.snap.state if self.snap is not None else "starting"
         reason = None
         if self.read_only:
             reason = "read-only view"
-        elif state == "failed" or (self.engine is not None and self.engine_done(self.snap or {})):
+        elif state == "failed" or (self.engine is not None and self.engine_done(self.snap or Snapshot())):
             reason = f"the run is {state}"
         elif while_running_only and state in DONE_STATES:
             reason = f"the run is {state}"
@@ -416,7 +326,19 @@ class DashboardApp(App[int]):
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen())
+            self.push_screen(HelpScreen(viewer=not self.owns_engine, controls=not self.read_only))
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """A read-only viewer offers no key that commands the run (they leave its footer)."""
+        if self.read_only and action in commanding_actions():
+            return False
+        return True
+
+    def on_key(self, event: Any) -> None:
+        """In a read-only view a command key says why it does nothing."""
+        what = READ_ONLY_KEYS.get(event.key) if self.read_only else None
+        if what:
+            self.notify(f"read-only view: cannot {what}", severity="warning")
 
     async def action_quit(self) -> None:
         self.action_quit_run()
@@ -445,43 +367,3 @@ class DashboardApp(App[int]):
         if self.exit_guard is not None:
             self.exit_guard.arm(code)
         self.exit(code, return_code=code)
-
-
-def run_dashboard(cfg: Any, trainer_cls: Any) -> None:
-    """Train ``cfg`` under the dashboard; returns (or raises typer.Exit / the engine's error) when done."""
-    import typer
-
-    from .cli import _serve_control
-
-    recorder = Recorder()
-    trainer = trainer_cls(cfg, recorder, with_ui=True)
-    engine = EngineThread(trainer, recorder, after_setup=lambda: _serve_control(trainer))
-    guard = ExitGuard()
-    app = DashboardApp(trainer, recorder, run_dir=cfg.out, engine=engine, handle_signals=True, exit_guard=guard)
-    engine.start()
-    try:
-        app.run()
-    finally:
-        if engine.is_alive() and not app.forced:
-            trainer.cancel_generation()
-            trainer.stop(save=True)
-            _say("gpt-tui: saving a checkpoint before exit")
-            engine.join()
-    guard.disarm()
-    last = trainer.last_checkpoint
-    if engine.result in ("stopped", "finished"):
-        _say(f"gpt-tui: {engine.result} at step {trainer.step}" + (f"; checkpoint {last}" if last else ""))
-    if app.forced:
-        _say("gpt-tui: exiting now; checkpoints on disk are intact")
-        os._exit(130)
-    if engine.error is not None:
-        raise engine.error
-    if engine.result == "stopped":
-        raise typer.Exit(0)
-
-
-def _say(line: str) -> None:
-    try:
-        print(line, file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass

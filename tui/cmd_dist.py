@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
     @friendly_errors
     def attach(run_dir: str = RUN_DIR) -> None:
         """Open the dashboard on a running run (q leaves it running), or read-only on a finished one."""
-        from .control import attach_run
+        from .launch import attach_run
 
         attach_run(run_dir)
 
@@ -104,7 +104,7 @@ def register(app: typer.Typer) -> None:
             print(f"checkpoint: {saved[-1]}")
 
 
-_ENDED = ("finished", "stopped", "failed")
+from engine.runs import FINAL_STATES as _ENDED  # noqa: E402
 
 
 def _set_paused(run_dir: str, paused: bool, wait: float) -> None:

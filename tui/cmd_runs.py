@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -28,9 +27,10 @@ class RunRow:
 
 def run_state(run_dir: str) -> tuple[str, int]:
     """live, finished, stopped, failed or dead (recorded as running but its process is gone), and the step."""
-    from engine.control import FINAL_STATES, last_state, pid_alive, read_info
+    from engine.control import read_info
+    from engine.runs import FINAL_STATES, RunDir, pid_alive
 
-    state, step = last_state(run_dir)
+    state, step = RunDir(run_dir).last_state()
     if state in FINAL_STATES:
         return str(state), step
     info = read_info(run_dir) or {}
@@ -53,11 +53,10 @@ def _figures(run_dir: str) -> tuple[float | None, int]:
 
 
 def _total(run_dir: str) -> int | None:
-    try:
-        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
-            total = json.load(f).get("train", {}).get("max_steps")
-    except (OSError, ValueError, AttributeError):
-        return None
+    from engine.runs import RunDir
+
+    saved = RunDir(run_dir).saved_config()
+    total = saved.get("total_steps", (saved.get("train") or {}).get("max_steps"))
     return int(total) if isinstance(total, int) else None
 
 
@@ -71,16 +70,16 @@ def read_row(run_dir: str) -> RunRow:
 
 def list_runs(root: str) -> list[RunRow]:
     """Every run directory directly under ``root`` (or ``root`` itself when it is one), newest change last."""
-    from engine.control import is_run_dir
+    from engine.runs import RunDir
 
-    if is_run_dir(root):
+    if RunDir(root).is_run():
         return [read_row(root)]
     dirs = [os.path.join(root, d) for d in sorted(os.listdir(root))]
-    return sorted((read_row(d) for d in dirs if is_run_dir(d)), key=lambda r: r.changed)
+    return sorted((read_row(d) for d in dirs if RunDir(d).is_run()), key=lambda r: r.changed)
 
 
 def format_rows(rows: list[RunRow], now: float | None = None) -> str:
-    from .widgets import fmt_count
+    from .format import ago, fmt_count
 
     now = time.time() if now is None else now
     lines = [f"{'name':<24} {'state':<9} {'step/total':>13} {'best val':>9} {'tokens':>8}  changed"]
@@ -88,19 +87,8 @@ def format_rows(rows: list[RunRow], now: float | None = None) -> str:
         steps = f"{r.step:,}/{r.total:,}" if r.total else f"{r.step:,}"
         best = f"{r.best_val:.4f}" if r.best_val is not None else "-"
         lines.append(f"{r.name[:24]:<24} {r.state:<9} {steps:>13} {best:>9} {fmt_count(r.tokens):>8}  "
-                     f"{_ago(now - r.changed)}")
+                     f"{ago(now - r.changed)}")
     return "\n".join(lines)
-
-
-def _ago(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s < 90:
-        return f"{s}s ago"
-    if s < 5400:
-        return f"{s // 60}m ago"
-    if s < 172800:
-        return f"{s // 3600}h ago"
-    return f"{s // 86400}d ago"
 
 
 def register(app: typer.Typer) -> None:

@@ -9,6 +9,7 @@ opens another checkpoint, Ctrl+Q quits.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -37,19 +38,47 @@ def open_checkpoint(source: str, device: str = "auto") -> Any:
     return load_for_inference(source, device)
 
 
-def run_config(run_dir: str | None) -> dict:
-    """The ``train`` settings a run saved in config.json ({} when absent)."""
-    import json
+def generate(
+    source: str = typer.Argument(..., help="Run directory or checkpoint file."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue ('-' reads stdin)."),
+    max_new_tokens: int = typer.Option(100, "--max-new-tokens", "-n", help="Tokens to generate."),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 is greedy."),
+    top_k: int = typer.Option(50, "--top-k", help="Keep the k most likely tokens (0: all)."),
+    top_p: float = typer.Option(None, "--top-p", help="Nucleus sampling mass (e.g. 0.9)."),
+    seed: int = typer.Option(None, "--seed", help="Same seed, same output."),
+    no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Recompute the whole context each token."),
+    no_stop: bool = typer.Option(False, "--no-stop", help="Do not stop at end-of-text."),
+    raw: bool = typer.Option(False, "--raw", help="Do not apply an instruction template."),
+    no_echo: bool = typer.Option(False, "--no-echo", help="Write only the continuation, not the prompt before it."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, mps."),
+) -> None:
+    """Generate text from a checkpoint: the prompt, then its continuation (only text goes to stdout).
 
-    if run_dir is None:
-        return {}
+    Instruction-tuned checkpoints print only the response (the prompt goes through their template);
+    --no-echo prints only the continuation for any checkpoint.
+    """
+    from engine.inference import load_for_inference
+    from engine.sampling import SampleSettings
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    settings = SampleSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None,
+                              top_p=top_p, seed=seed, stop_at_eot=not no_stop, use_cache=not no_kv_cache).validate()
+    lm = load_for_inference(source, device)
+    text_prompt = prompt if raw else lm.format_prompt(prompt)
+    truncated = lm.truncation_note(text_prompt)
+    if truncated:
+        print(f"gpt-tui: {truncated}", file=sys.stderr)
+    echo = not no_echo and text_prompt == prompt
     try:
-        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    train = cfg.get("train") if isinstance(cfg, dict) else None
-    return train if isinstance(train, dict) else {}
+        if echo:
+            sys.stdout.write(prompt)
+        for piece in lm.stream(text_prompt, settings):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except BrokenPipeError:
+        return
+    sys.stdout.write("\n")
 
 
 class OpenScreen(ModalScreen[str | None]):
@@ -96,13 +125,13 @@ class SampleApp(App):
 
     # ------------------------------------------------------------------ screens
     def on_mount(self) -> None:
-        from engine.inspect_tokens import run_dir_of
+        from engine.runs import RunDir, run_dir_of
 
         from .sample_panel import ModelBackend, SamplePanel
         from .sample_views import TokenScreen
 
         self.run_dir = run_dir_of(self.source)
-        self.run_cfg = run_config(self.run_dir)
+        self.run_cfg = RunDir(self.run_dir).train_settings() if self.run_dir else {}
         history = self.history_path or os.path.join(self.run_dir or os.getcwd(),
                                                     time.strftime("samples-%Y%m%d-%H%M%S.md"))
         self.panel = SamplePanel(ModelBackend(self.lm), title=self._title(), standalone=True,
@@ -173,11 +202,11 @@ class SampleApp(App):
             self.source = worker.name or self.source
             self.panel.set_backend(ModelBackend(self.lm), title=self._title())
             self.panel.show_message(f"opened {self.lm.path}")
-            from engine.inspect_tokens import run_dir_of
+            from engine.runs import RunDir, run_dir_of
 
             if run_dir_of(self.source) != self.run_dir:
                 self.run_dir = run_dir_of(self.source)
-                self.run_cfg = run_config(self.run_dir)
+                self.run_cfg = RunDir(self.run_dir).train_settings() if self.run_dir else {}
                 self.timeline.action_stop()
                 if self.screen is self.timeline:
                     await self.switch_screen("sample")
@@ -191,7 +220,7 @@ class SampleApp(App):
         from engine.inspect_tokens import instruction_batch
 
         records = [{"instruction": self.panel.prompt_text or "Say something.", "input": "",
-                    "output": self.panel._output or "..."}]
+                    "output": self.panel.output_text or "..."}]
         records += self._run_records()
         try:
             rows = instruction_batch(self.lm.tokenizer, records, bool(self.run_cfg.get("mask_prompt", True)))
@@ -218,7 +247,8 @@ class SampleApp(App):
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``gpt-tui sample`` to ``app``."""
+    """Add ``gpt-tui sample`` and ``gpt-tui generate`` to ``app``."""
+    app.command()(friendly_errors(generate))
 
     @app.command()
     @friendly_errors

@@ -64,11 +64,42 @@ def has_terminal() -> bool:
     return sys.stdin.isatty() and sys.stderr.isatty() and term not in ("", "dumb")
 
 
-class SignalStopper:
-    """First SIGINT/SIGTERM: stop at the next step boundary with a checkpoint; second: exit at once."""
+# The CLI library's usage errors, reached through typer's public BadParameter (no private import).
+_USAGE_ERROR: type[Exception] = typer.BadParameter.__mro__[1]
+_CLI_ERROR: type[Exception] = typer.BadParameter.__mro__[2]
 
-    def __init__(self, on_stop: Callable[[], None], signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
+
+def run_app(app: typer.Typer, argv: list[str]) -> int:
+    """Run the typer app on ``argv``; usage errors (unknown flag, bad value) as one line; the exit code."""
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except typer.Abort:
+        print("gpt-tui: aborted", file=sys.stderr)
+        return 1
+    except _USAGE_ERROR as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare command group: its help
+            e.show()  # type: ignore[attr-defined]
+            return int(e.exit_code)  # type: ignore[attr-defined]
+        ctx = getattr(e, "ctx", None)
+        cmd = ctx.command_path if ctx is not None else "gpt-tui"
+        print(f"gpt-tui: error: {e.format_message().rstrip('.')}: see `{cmd} --help`", file=sys.stderr)  # type: ignore[attr-defined]
+        return int(e.exit_code)  # type: ignore[attr-defined]
+    except _CLI_ERROR as e:
+        print(f"gpt-tui: error: {e.format_message()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return int(e.exit_code)  # type: ignore[attr-defined]
+    return code if isinstance(code, int) else 0
+
+
+class SignalStopper:
+    """First SIGINT/SIGTERM: stop at the next step boundary with a checkpoint; second: exit at once.
+
+    ``note`` says what the first signal does now (default: a checkpoint at the next step).
+    """
+
+    def __init__(self, on_stop: Callable[[], None], note: Callable[[], str] | None = None,
+                 signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
         self.on_stop = on_stop
+        self.note = note or (lambda: "saving a checkpoint at the next step")
         self.count = 0
         self.signals = [s for s in signals if s is not None]
         self._old: dict[int, Any] = {}
@@ -81,8 +112,8 @@ class SignalStopper:
     def _handle(self, signum: int, frame: Any) -> None:
         self.count += 1
         if self.count == 1:
-            print(f"\ngpt-tui: {signal.Signals(signum).name}: saving a checkpoint at the next step "
-                  "(signal again to exit at once)", file=sys.stderr, flush=True)
+            print(f"\ngpt-tui: {signal.Signals(signum).name}: {self.note()} (signal again to exit at once)",
+                  file=sys.stderr, flush=True)
             self.on_stop()
         else:
             print("gpt-tui: exiting now; checkpoints on disk are intact", file=sys.stderr, flush=True)

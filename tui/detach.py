@@ -14,20 +14,21 @@ import sys
 import time
 from typing import Any
 
+from engine.runs import TRAIN_LOG as LOG_NAME  # noqa: E402
+
 from .common import fail
 
-LOG_NAME = "train.log"
 READY_TIMEOUT = 120.0  # seconds to wait for the channel (tokenizing a large corpus may take longer)
 
 
 def _run_dir(cfg: Any) -> tuple[str, list[str]]:
     """The run directory of ``cfg`` and the flags to add so the background run uses it."""
-    from .control import run_dir_of
+    from engine.runs import new_run_path, run_dir_of_config
 
-    known = run_dir_of(cfg) if cfg is not None else None
+    known = run_dir_of_config(cfg.out, cfg.resume) if cfg is not None else None
     if known:
         return known, []
-    out = os.path.abspath(os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
+    out = new_run_path()
     return out, ["--out", out]
 
 

@@ -8,12 +8,9 @@ from typing import TextIO
 
 from engine.events import Event
 
+from .format import fmt_duration
 
-def fmt_duration(s: float) -> str:
-    s = int(max(0, s))
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+EMPTY_RESPONSE = "(empty response)"
 
 
 class ConsoleSink:
@@ -31,6 +28,13 @@ class ConsoleSink:
     def _print(self, line: str) -> None:
         try:
             print(line, file=self.out, flush=True)
+        except (BrokenPipeError, ValueError):
+            pass
+
+    def _progress(self, line: str) -> None:
+        """Progress of long work (tokenizing, test responses) goes to stderr."""
+        try:
+            print(f"gpt-tui: {line}", file=sys.stderr, flush=True)
         except (BrokenPipeError, ValueError):
             pass
 
@@ -56,7 +60,7 @@ class ConsoleSink:
             if now - self._last >= self.interval or e.step == self.total or done <= 1:  # type: ignore[attr-defined]
                 self._last = now
                 el = now - self._t0
-                eta = el / max(1, done) * (self.total - e.step)  # type: ignore[attr-defined]
+                eta = el / max(1, done) * (self.total - e.step) + e.end_phase_s  # type: ignore[attr-defined]
                 flag = " SKIPPED" if e.skipped else ""  # type: ignore[attr-defined]
                 self._print(
                     f"step {e.step:>6}/{self.total} | epoch {e.epoch + 1} | loss {e.loss:.4f} | "  # type: ignore[attr-defined]
@@ -69,12 +73,20 @@ class ConsoleSink:
             if e.expected is not None:  # type: ignore[attr-defined]  # instruction finetuning
                 ask = e.prompt.replace("\n", " ")[:80]  # type: ignore[attr-defined]
                 want = e.expected.replace("\n", " ")[:120]  # type: ignore[attr-defined]
-                self._print(f"sample step {e.step}: {ask} -> {text[:160]!r} (expected {want!r})")
+                said = repr(text[:160]) if text.strip() else EMPTY_RESPONSE
+                self._print(f"sample step {e.step}: {ask} -> {said} (expected {want!r})")
             else:
                 self._print(f"sample step {e.step}: {text[:200]}")
         elif t == "checkpoint":
             self._print(f"checkpoint: {e.path}")  # type: ignore[attr-defined]
-        elif t == "log" and e.level in ("warning", "error"):  # type: ignore[attr-defined]
+        elif t == "log" and e.level in ("warning", "error", "target"):  # type: ignore[attr-defined]
             self._print(f"{e.level}: {e.message}")  # type: ignore[attr-defined]
+        elif t == "log" and e.level == "progress":  # type: ignore[attr-defined]
+            self._progress(e.message)  # type: ignore[attr-defined]
+        elif t == "log" and e.level == "info" and e.message.startswith("wrote "):  # type: ignore[attr-defined]
+            self._print(e.message)  # type: ignore[attr-defined]
+        elif t == "change":
+            self._print(f"step {e.step}: {e.setting.replace('_', '-')} {e.old} -> {e.new} "  # type: ignore[attr-defined]
+                        f"(from {e.source})")  # type: ignore[attr-defined]
         elif t == "state" and e.state in ("finished", "stopped", "paused"):  # type: ignore[attr-defined]
             self._print(f"{e.state}: {e.message}" if e.message else e.state)  # type: ignore[attr-defined]

@@ -31,8 +31,10 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Checkbox, Footer, Input, Label, ListItem, ListView, Static, TextArea
 
+from engine.commands import RunController
 from engine.errors import GptTuiError
 from engine.inference import LoadedModel
+from engine.recorder import Recorder
 from engine.sampling import SampleSettings
 
 
@@ -124,42 +126,33 @@ class ModelBackend:
 
 
 class LiveBackend:
-    """Generates from the live weights of a training run through the trainer's commands.
+    """Generates from the live weights of a training run through its controller.
 
-    ``controller`` is the :class:`~engine.trainer.Trainer` (``request_generate``,
-    ``cancel_generation``); the text arrives as ``GenerateEvent``s in ``recorder``
-    (:class:`~engine.events.Recorder`), which this backend reads on ``poll``.
+    ``controller`` is a :class:`~engine.commands.RunController` (``request_generate``,
+    ``cancel_generation``); the text arrives as GenerateEvents in ``recorder``, which this backend
+    reads on ``poll``. The engine judges the prompt (empty, unknown characters, cut to the context)
+    and reports through the events' ``error`` and ``note``.
     """
 
-    def __init__(self, controller: Any, recorder: Any) -> None:
+    def __init__(self, controller: RunController, recorder: Recorder) -> None:
         self.controller = controller
         self.recorder = recorder
-        self.template = "alpaca" if getattr(controller, "prompt_template", None) else None
+        self.template = controller.template
         self.note: str | None = None
         self.error: str | None = None
         self._id: int | None = None
         self._seen = 0
         self._cancelled = False
 
-    def _check(self, prompt: str) -> str | None:
-        """Empty prompt, unknown characters and truncation, judged like a checkpoint would."""
+    def start(self, prompt: str, settings: SampleSettings) -> None:
         if not prompt:
             raise GptTuiError("the prompt is empty", "type some text to start from")
-        model = getattr(self.controller, "model_ref", None)
-        tok = getattr(self.controller, "tokenizer", None)
-        if model is None or tok is None:
-            return None
-        template = getattr(self.controller, "prompt_template", None)
-        lm = LoadedModel(model=model, tokenizer=tok, device=next(model.parameters()).device, path="live weights")
-        return lm.truncation_note(template(prompt) if template else prompt)
-
-    def start(self, prompt: str, settings: SampleSettings) -> None:
-        self.note = self._check(prompt)
-        if self._id is not None and self._id not in self.recorder.snapshot()["generation_done"]:
+        gen = self.recorder.snapshot().generations.get(self._id) if self._id is not None else None
+        if self._id is not None and (gen is None or gen.done is None):
             # a new request would clear the stop flag of the one still running
             raise GptTuiError("the stopped generation has not ended yet (it ends at the next step boundary)",
                               "press Enter again in a moment")
-        self.error = None
+        self.error = self.note = None
         self._cancelled = False
         self._seen = 0
         self._id = self.controller.request_generate(prompt, settings)
@@ -167,17 +160,17 @@ class LiveBackend:
     def poll(self) -> tuple[str, bool, float]:
         if self._id is None:
             return "", True, 0.0
-        snap = self.recorder.snapshot()
-        text = snap["generations"].get(self._id, "")
-        new, self._seen = text[self._seen:], len(text)
-        done_event = snap["generation_done"].get(self._id)
-        if done_event is None:
+        gen = self.recorder.snapshot().generations.get(self._id)
+        if gen is None:
+            return "", self._cancelled, 0.0
+        self.note = gen.note
+        new, self._seen = gen.text[self._seen:], len(gen.text)
+        if gen.done is None:
             return new, self._cancelled, 0.0
-        tps = float(getattr(done_event, "tokens_per_sec", 0.0))
-        if tps == 0.0 and text.startswith("[") and text.endswith("]"):  # the engine's error report
-            self.error = text[1:-1]
+        if gen.error:
+            self.error = gen.error
             return "", True, 0.0
-        return new, True, tps
+        return new, True, float(gen.done.tokens_per_sec)
 
     def cancel(self) -> None:
         if self._id is not None:
@@ -275,17 +268,8 @@ def parse_settings(values: dict[str, str], stop_at_eot: bool) -> SampleSettings:
     p = num("top_p", float, None)
     n = num("max_new_tokens", int, _REQUIRED)
     seed = num("seed", int, None)
-    if t < 0:
-        raise GptTuiError(f"temperature must not be negative, got {t:g}", "use 0 for greedy")
-    if k < 0:
-        raise GptTuiError(f"top-k must not be negative, got {k}", "use 0 to keep all tokens")
-    if p is not None and not 0 < p <= 1:
-        raise GptTuiError(f"top-p must be in (0, 1], got {p:g}", "use e.g. 0.9, or leave it empty")
-    if n <= 0:
-        raise GptTuiError(f"max new tokens must be positive, got {n}", "give a value above 0")
     return SampleSettings(max_new_tokens=n, temperature=t, top_k=k or None, top_p=p, seed=seed,
-                          stop_at_eot=stop_at_eot)
-
+                          stop_at_eot=stop_at_eot).validate()
 
 
 def settings_values(s: SampleSettings) -> dict[str, str]:
@@ -412,6 +396,11 @@ class SamplePanel(Screen):
         for key, value in settings_values(s).items():
             self.query_one(f"#sp-{key}", Input).value = value
         self.query_one("#sp-eot", Checkbox).value = s.stop_at_eot
+
+    @property
+    def output_text(self) -> str:
+        """The text of the current (or last) generation."""
+        return self._output
 
     @property
     def prompt_text(self) -> str:

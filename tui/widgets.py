@@ -1,4 +1,4 @@
-"""The dashboard's widgets: charts, stats, samples, status line, help and generate screens.
+"""The dashboard's widgets: charts, stats, samples, status line and the help screen.
 
 Every widget is fed from a :meth:`engine.events.Recorder.snapshot` by the app; none of them
 talks to the engine. Charts keep the snapshot's points and thin them to about their own
@@ -8,7 +8,6 @@ width in points when they render, so a long run draws as fast as a short one.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,11 @@ from textual.widget import Widget
 from textual.widgets import Static
 from textual_plotext import PlotextPlot
 
-from .headless import fmt_duration
+from engine.recorder import Snapshot, StepPoint
+from engine.runs import FINAL_STATES
+
+from .format import axis_scale, clip_left, fmt_count, fmt_duration, short_path
+from .keys import help_rows
 
 # ------------------------------------------------------------------ numbers
 
@@ -63,38 +66,6 @@ def ema(ys: Sequence[float], alpha: float = 0.9) -> list[float]:
     return out
 
 
-def fmt_count(n: float) -> str:
-    """12,345 -> 12.3k; 1.2e6 -> 1.2M."""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return f"{n:.0f}"
-
-
-def axis_scale(max_value: float) -> tuple[float, str]:
-    """Divisor and unit name for a tokens axis."""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if max_value >= 10 * scale:
-            return scale, unit
-    return 1.0, ""
-
-
-def short_path(path: str | None) -> str:
-    """A path relative to the working directory when that is shorter."""
-    if not path:
-        return ""
-    try:
-        rel = os.path.relpath(path)
-    except ValueError:
-        return path
-    return rel if len(rel) < len(path) else path
-
-
-def clip_left(s: str, n: int) -> str:
-    """The last ``n`` characters of ``s``, with an ellipsis when cut (a path's end says the most)."""
-    return s if len(s) <= n else "…" + s[-(n - 1):]
-
-
 STATE_STYLES = {
     "starting": "black on cyan",
     "ready": "black on cyan",
@@ -107,7 +78,7 @@ STATE_STYLES = {
     "failed": "white on red",
 }
 
-DONE_STATES = ("finished", "stopped", "failed")
+DONE_STATES = FINAL_STATES
 
 
 # ------------------------------------------------------------------ charts
@@ -136,10 +107,10 @@ class Chart(PlotextPlot):
         self.theme = "clear"  # the terminal's own colours: fine with 16 colours
         self.axis = "steps"
         self.log_y = False  # y drawn as log10 of the value, ticks labelled with the value itself
-        self.steps: list[tuple[int, int, float, float]] = []
+        self.steps: list[StepPoint] = []
         self.evals: list[Any] = []
 
-    def set_data(self, steps: list[tuple[int, int, float, float]], evals: list[Any], axis: str) -> None:
+    def set_data(self, steps: list[StepPoint], evals: list[Any], axis: str) -> None:
         self.steps, self.evals, self.axis = steps, evals, axis
         self.refresh()
 
@@ -150,7 +121,7 @@ class Chart(PlotextPlot):
     def x_scale(self) -> tuple[float, str]:
         if self.axis == "steps" or not self.steps:
             return 1.0, ""
-        return axis_scale(self.steps[-1][1])
+        return axis_scale(self.steps[-1].tokens)
 
     def xs(self, pairs: Sequence[tuple[int, int]], scale: float) -> list[float]:
         """X values (steps, or tokens divided by ``scale``) of (step, tokens) pairs."""
@@ -200,8 +171,8 @@ class LossChart(Chart):
 
     def series(self, scale: float) -> list[tuple[list[float], list[float], int, str]]:
         n = self.points()
-        xs = self.xs([(s, t) for s, t, _, _ in self.steps], scale)
-        ys = ema([loss for _, _, loss, _ in self.steps], 0.9 if len(self.steps) > 20 else 0.5)
+        xs = self.xs([(p.step, p.tokens) for p in self.steps], scale)
+        ys = ema([p.loss for p in self.steps], 0.9 if len(self.steps) > 20 else 0.5)
         out = [(*downsample(xs, ys, n), ANSI["cyan"], "braille")]
         if self.evals:
             ex = self.xs([(e.step, e.tokens_seen) for e in self.evals], scale)
@@ -219,8 +190,8 @@ class LRChart(Chart):
     y_format = "{:.1e}"
 
     def series(self, scale: float) -> list[tuple[list[float], list[float], int, str]]:
-        xs = self.xs([(s, t) for s, t, _, _ in self.steps], scale)
-        ys = [lr for _, _, _, lr in self.steps]
+        xs = self.xs([(p.step, p.tokens) for p in self.steps], scale)
+        ys = [p.lr for p in self.steps]
         self.border_title = f"learning rate {ys[-1]:.2e}" if ys else "learning rate"
         return [(*downsample(xs, ys, self.points()), ANSI["magenta"], "braille")]
 
@@ -238,10 +209,10 @@ class RunClock:
     tps_now: float = 0.0
     _last_step_time: float = field(default=0.0, repr=False)
 
-    def update(self, snap: dict[str, Any], now: float | None = None) -> None:
+    def update(self, snap: Snapshot, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        last = snap["last_step"]
-        state = snap["state"]
+        last = snap.last_step
+        state = snap.state
         if state == "paused" and self.paused_since is None:
             self.paused_since = now
         elif state != "paused" and self.paused_since is not None:
@@ -256,21 +227,21 @@ class RunClock:
             self._last_step_time = last.time
             self.tps_now = last.tokens_per_sec if not self.tps_now else 0.7 * self.tps_now + 0.3 * last.tokens_per_sec
 
-    def active(self, snap: dict[str, Any]) -> float:
-        last = snap["last_step"]
+    def active(self, snap: Snapshot) -> float:
+        last = snap.last_step
         if self.first is None or last is None:
             return 0.0
         return max(0.0, last.time - self.first[0] - self.paused_total)
 
-    def tps_avg(self, snap: dict[str, Any]) -> float | None:
-        last = snap["last_step"]
+    def tps_avg(self, snap: Snapshot) -> float | None:
+        last = snap.last_step
         dt = self.active(snap)
         if self.first is None or last is None or dt <= 0:
             return None
         return (last.tokens_seen - self.first[2]) / dt
 
-    def eta(self, snap: dict[str, Any]) -> float | None:
-        last, start = snap["last_step"], snap["start"]
+    def eta(self, snap: Snapshot) -> float | None:
+        last, start = snap.last_step, snap.start
         if self.first is None or last is None or start is None:
             return None
         done = last.step - self.first[1]
@@ -279,10 +250,10 @@ class RunClock:
         return self.active(snap) / done * max(0, start.total_steps - last.step)
 
 
-def stats_rows(snap: dict[str, Any], clock: RunClock) -> list[tuple[str, str]]:
+def stats_rows(snap: Snapshot, clock: RunClock) -> list[tuple[str, str]]:
     """(label, value) rows of the stats pane."""
-    start, last = snap["start"], snap["last_step"]
-    evals = snap["evals"]
+    start, last = snap.start, snap.last_step
+    evals = snap.evals
     total = start.total_steps if start else 0
     spe = max(1, start.steps_per_epoch) if start else 1
     step = last.step if last else (start.resumed_step if start else 0)
@@ -292,8 +263,8 @@ def stats_rows(snap: dict[str, Any], clock: RunClock) -> list[tuple[str, str]]:
     n_epochs = max(1, math.ceil(total / spe)) if total else 1
     rows.append(("epoch", f"{(last.epoch if last else 0) + 1}/{n_epochs}"))
     if last:
-        steps = snap["steps"]
-        smooth = ema([s[2] for s in steps[-50:]], 0.9)[-1] if steps else last.loss
+        steps = snap.steps
+        smooth = ema([p.loss for p in steps[-50:]], 0.9)[-1] if steps else last.loss
         rows.append(("loss", f"{last.loss:.4f} ~{smooth:.3f}"))
     else:
         rows.append(("loss", "-"))
@@ -312,7 +283,7 @@ def stats_rows(snap: dict[str, Any], clock: RunClock) -> list[tuple[str, str]]:
     rows.append(("MFU", f"{100 * mfu:.1f}%" if mfu is not None else "-"))
     rows.append(("step time", f"{1000 * last.step_time:,.0f} ms" if last else "-"))
     eta = clock.eta(snap)
-    state = snap["state"]
+    state = snap.state
     rows.append(("ETA", "-" if state in DONE_STATES or eta is None else fmt_duration(eta)))
     rows.append(("device", f"{start.device} {start.dtype}" if start else "-"))
     if start:
@@ -329,7 +300,7 @@ def stats_rows(snap: dict[str, Any], clock: RunClock) -> list[tuple[str, str]]:
     if evals:
         rows.append(("best val", f"{min(e.val_loss for e in evals):.4f}"))
     rows.append(("elapsed", fmt_duration(clock.active(snap))))
-    ck = snap.get("last_checkpoint")
+    ck = snap.last_checkpoint
     rows.append(("checkpoint", f"step {ck.step:,} ({ck.reason})" if ck else "-"))
     return rows
 
@@ -449,28 +420,19 @@ def generation_text(request_id: int, step: int, prompt: str, text: str, done: An
 
 # ------------------------------------------------------------------ screens
 
-KEYS = [
-    ("p", "pause / resume training (at the next step boundary)"),
-    ("c", "write a checkpoint now"),
-    ("g", "generate from the live weights"),
-    ("e", "evaluate train and val loss now"),
-    ("x", "chart x axis: steps or tokens"),
-    ("y", "loss chart y axis: linear or log"),
-    ("tab", "focus the samples pane (arrows scroll)"),
-    ("?", "this help"),
-    ("q / ctrl+c", "save a checkpoint and quit"),
-]
-
-
 class HelpScreen(ModalScreen[None]):
     """The key table."""
 
     BINDINGS = [Binding("escape,question_mark,q", "close", "close")]
 
+    def __init__(self, viewer: bool = False, controls: bool = True) -> None:
+        super().__init__()
+        self.rows = help_rows(viewer, controls)
+
     def compose(self) -> ComposeResult:
-        width = max(len(k) for k, _ in KEYS) + 2
+        width = max(len(k) for k, _ in self.rows) + 2
         body = Text("Keys\n\n", style="bold")
-        for k, what in KEYS:
+        for k, what in self.rows:
             body.append(f"{k:<{width}}", style="bold cyan")
             body.append(what + "\n")
         body.append("\nEsc closes", style="dim")

@@ -1,0 +1,240 @@
+"""Launching a run: with the dashboard, headless, detached, or as a viewer of another process's run.
+
+This module owns "start a run and exit with its status": the commands (``cmd_train``,
+``cmd_dist``) call it; it builds the trainer (``engine.runner.make_trainer``), its sinks, the
+control channel and the signal handling, and picks the front end.
+
+Exit codes of ``gpt-tui train``: 0 after a finished run or a stop (q, Ctrl+C, SIGTERM: a
+checkpoint is saved first); the engine error's own code with one line on stderr after a failed
+run (1; 2 for bad input; 3 for divergence); 130 when quit a second time without waiting.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+from engine.config import TrainConfig
+from engine.events import LogEvent
+from engine.recorder import Recorder
+
+from .common import SignalStopper, fail, has_terminal
+
+
+class SetupCancelled(Exception):
+    """Raised from the tokenizer's progress callback when the run is stopped during setup."""
+
+
+class EngineThread(threading.Thread):
+    """Runs ``trainer.setup()`` then ``trainer.fit()``, keeping the result or the error.
+
+    A daemon thread, so a forced exit never waits on it; the normal exit paths stop the
+    trainer and join it, so no thread is left running.
+    """
+
+    def __init__(self, trainer: Any, recorder: Recorder, after_setup: Callable[[], Any] | None = None) -> None:
+        super().__init__(name="gpt-tui-engine", daemon=True)
+        self.trainer = trainer
+        self.recorder = recorder
+        self.after_setup = after_setup
+        self.in_setup = True
+        self.result: str | None = None
+        self.error: BaseException | None = None
+        self._last_progress = 0.0
+        trainer.progress = self._progress
+
+    def _progress(self, done: int, total: int) -> None:
+        if self.trainer.stopping:
+            raise SetupCancelled()
+        now = time.monotonic()
+        if done < total and now - self._last_progress < 0.25:
+            return
+        self._last_progress = now
+        self.recorder.emit(LogEvent(level="progress", message=f"tokenizing {done / 2**20:.1f}/{total / 2**20:.1f} MB"))
+
+    def run(self) -> None:
+        try:
+            self.trainer.setup()
+            self.in_setup = False
+            if self.after_setup is not None:
+                self.after_setup()
+            self.result = self.trainer.fit()
+        except SetupCancelled:
+            self.result = "stopped"
+        except BaseException as e:  # noqa: BLE001  (kept and re-raised on the main thread)
+            self.error = e
+
+    @property
+    def done(self) -> bool:
+        return self.ident is not None and not self.is_alive()
+
+
+class ExitGuard:
+    """Ends the process if the app's own exit hangs (seen when the terminal hung up)."""
+
+    def __init__(self, timeout: float = 5.0) -> None:
+        self.timeout = timeout
+        self._disarmed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, code: int) -> None:
+        if self._thread is not None:
+            return
+
+        def watch() -> None:
+            if not self._disarmed.wait(self.timeout):
+                os._exit(code)
+
+        self._thread = threading.Thread(target=watch, name="gpt-tui-exit-guard", daemon=True)
+        self._thread.start()
+
+    def disarm(self) -> None:
+        self._disarmed.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+# ------------------------------------------------------------------ starting a run
+def run_training(cfg: TrainConfig, explicit: frozenset[str] | None = None, *, task: Any = None,
+                 headless: bool = False, detach: bool = False, web: Any = None) -> None:
+    """Start a run with the dashboard, headless, or detached, and exit with its status."""
+    from engine.control import refuse_live_run
+    from engine.distributed import launched_by_torchrun
+    from engine.runs import run_dir_of_config
+
+    refuse_live_run(run_dir_of_config(cfg.out, cfg.resume))  # one process per run directory
+    if detach:
+        from .detach import detach_run
+
+        detach_run(sys.argv, cfg)
+        return
+    distributed = launched_by_torchrun()
+    if web is None and not headless and not distributed and not has_terminal():
+        print("gpt-tui: no terminal to draw on; running headless", file=sys.stderr)
+        headless = True
+    from engine.setup import prepare_process
+
+    prepare_process(cfg)
+    if headless or distributed:
+        run_headless(cfg, explicit, task)
+    else:
+        run_dashboard(cfg, explicit, task, web=web)
+
+
+def _signal_note(trainer: Any) -> str:
+    if trainer.state == "finishing":
+        return "stopping the end-of-run work (the final checkpoint is already saved)"
+    return "saving a checkpoint at the next step"
+
+
+def run_headless(cfg: TrainConfig, explicit: frozenset[str] | None, task: Any = None) -> None:
+    from engine.control import serve
+    from engine.distributed import launched_by_torchrun, leave
+    from engine.runner import make_trainer
+
+    from .headless import ConsoleSink
+
+    trainer = make_trainer(cfg, ConsoleSink(), explicit=explicit, task=task)
+    trainer.progress = tokenize_progress()
+    with SignalStopper(lambda: trainer.stop(save=True), lambda: _signal_note(trainer)):
+        trainer.setup()
+        serve(trainer)
+        state = trainer.fit()
+    if launched_by_torchrun():
+        leave()
+    if state == "stopped":
+        raise typer.Exit(0)
+
+
+def tokenize_progress() -> Callable[[int, int], None]:
+    """A progress bar on stderr for tokenizing corpora of 4 MB or more."""
+    state = {"last": 0.0, "shown": False}
+
+    def progress(done: int, total: int) -> None:
+        now = time.time()
+        if done < total and now - state["last"] < 0.5:
+            return
+        state["last"] = now
+        if total > 4 << 20 or state["shown"]:
+            state["shown"] = True
+            width = 30
+            filled = int(width * done / max(1, total))
+            end = "\n" if done >= total else "\r"
+            print(f"tokenizing [{'#' * filled}{'.' * (width - filled)}] {done / 2**20:.1f}/{total / 2**20:.1f} MB",
+                  end=end, file=sys.stderr, flush=True)
+
+    return progress
+
+
+def run_dashboard(cfg: TrainConfig, explicit: frozenset[str] | None, task: Any = None, web: Any = None) -> None:
+    """Train ``cfg`` under the dashboard; returns (or raises typer.Exit / the engine's error) when done."""
+    from engine.control import serve
+    from engine.runner import make_trainer
+    from engine.trainer import EngineOptions
+
+    from .app import DashboardApp
+
+    recorder = Recorder()
+    trainer = make_trainer(cfg, recorder, explicit=explicit, task=task, options=EngineOptions.interactive())
+    engine = EngineThread(trainer, recorder, after_setup=lambda: serve(trainer))
+    guard = ExitGuard()
+    app = DashboardApp(trainer, recorder, run_dir=cfg.out, engine=engine, handle_signals=True, exit_guard=guard)
+    engine.start()
+    try:
+        if web is not None:
+            web(app)
+        else:
+            app.run()
+    finally:
+        if engine.is_alive() and not app.forced:
+            trainer.cancel_generation()
+            trainer.stop(save=True)
+            say("gpt-tui: saving a checkpoint before exit")
+            engine.join()
+    guard.disarm()
+    last = trainer.last_checkpoint
+    if engine.result in ("stopped", "finished"):
+        say(f"gpt-tui: {engine.result} at step {trainer.step}" + (f"; checkpoint {last}" if last else ""))
+    if app.forced:
+        say("gpt-tui: exiting now; checkpoints on disk are intact")
+        os._exit(130)
+    if engine.error is not None:
+        raise engine.error
+    if engine.result == "stopped":
+        raise typer.Exit(0)
+
+
+def attach_run(run_dir: str) -> None:
+    """Open the dashboard on a run: live with working keys, or read-only when it has ended."""
+    from engine.control import open_run
+
+    from .app import DashboardApp
+
+    controller, recorder, read_only = open_run(run_dir)  # errors first: not a run, process died
+    if not has_terminal():
+        controller.close()
+        fail(f"attach needs a terminal to draw the dashboard on: run it in a terminal (or gpt-tui status {run_dir})")
+    try:
+        DashboardApp(controller, recorder, run_dir=os.path.abspath(run_dir), read_only=read_only,
+                     owns_engine=False).run()
+        live = not read_only and controller.connected
+        paused = live and controller.paused
+    finally:
+        controller.close()
+    if paused:
+        print(f"detached; the run stays paused. Resume it: gpt-tui resume {run_dir}   (or attach again and press p)")
+    elif live:
+        print(f"detached; the run goes on. Attach again: gpt-tui attach {run_dir}   stop it: gpt-tui stop {run_dir}")
+
+
+def say(line: str) -> None:
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
