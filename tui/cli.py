@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from .common import DEBUG, SignalStopper, fail, friendly_errors, has_terminal
+from .entry import report_cli_error, show_version
 
 app = typer.Typer(
     add_completion=False,
@@ -20,7 +21,11 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=show_version,
+                                 help="Print gpt-tui's version and exit."),
+) -> None:
     if debug:
         DEBUG["on"] = True
 
@@ -237,20 +242,10 @@ for _m in (cmd_gpt2, cmd_sample, cmd_speed, cmd_dist, cmd_prepare, cmd_runs):
 
 def main() -> None:
     """Entry point: usage errors (unknown flag, bad value) as one line, like every other error."""
-    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
-
     try:
         code = app(standalone_mode=False)
-    except NoArgsIsHelpError as e:
-        e.show()
-        code = e.exit_code
-    except UsageError as e:
-        cmd = e.ctx.command_path if e.ctx is not None else "gpt-tui"
-        print(f"gpt-tui: error: {e.format_message().rstrip('.')}: see `{cmd} --help`", file=sys.stderr)
-        code = e.exit_code
-    except ClickException as e:
-        print(f"gpt-tui: error: {e.format_message()}", file=sys.stderr)
-        code = e.exit_code
+    except typer.TyperException as e:  # every click error: usage errors, a bare `gpt-tui`
+        code = report_cli_error(e)
     except typer.Abort:
         print("gpt-tui: aborted", file=sys.stderr)
         code = 1
