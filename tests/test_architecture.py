@@ -27,7 +27,7 @@ ENGINE_LAYERS = [
 
 # tui/: cli -> cmd_* -> launch -> {app, headless} -> widgets -> format (the sampling screens beside them).
 TUI_LAYERS = [
-    ["format", "keys", "common"],
+    ["format", "keys", "common", "entry"],
     ["widgets", "headless", "sample_panel", "sample_views", "system"],
     ["app", "compare", "web"],
     ["launch", "detach"],

@@ -11,6 +11,7 @@ import typer
 
 from . import cmd_dist, cmd_gpt2, cmd_prepare, cmd_runs, cmd_sample, cmd_speed, cmd_train
 from .common import DEBUG
+from .entry import show_version
 
 app = typer.Typer(
     add_completion=False,
@@ -23,7 +24,11 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors (any command takes it).")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors (any command takes it)."),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=show_version,
+                                 help="Print gpt-tui's version and exit."),
+) -> None:
     if debug:
         DEBUG["on"] = True
 

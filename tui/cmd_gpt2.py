@@ -25,10 +25,19 @@ def import_gpt2(
 
 def export(
     source: str = typer.Argument(..., help="Run directory or checkpoint file."),
-    out: str = typer.Option(..., "--out", "-o", help="Checkpoint to write: a .pt file, or a run directory."),
+    out: str = typer.Option(..., "--out", "-o", help="Checkpoint to write: a .pt file, or a run directory "
+                            "(--format hf: a folder)."),
     merge: bool = typer.Option(False, "--merge", help="Fold LoRA adapters into the base (needed for LoRA checkpoints)."),
+    fmt: str = typer.Option("gpt-tui", "--format", help="gpt-tui (a checkpoint) or hf (a Hugging Face GPT-2 folder: "
+                            "model.safetensors, config.json, tokenizer files; LoRA adapters merged)."),
 ) -> None:
-    """Write a checkpoint's full weights (no optimizer state); --merge folds LoRA adapters in."""
+    """Write a checkpoint's full weights (no optimizer state); --merge folds LoRA adapters in; --format hf for transformers."""
+    from .cmd_export import FORMATS, export_hf_command
+
+    if fmt not in FORMATS:
+        fail(f"unknown export format {fmt!r}: use --format {' or --format '.join(FORMATS)}")
+    if fmt == "hf":
+        return export_hf_command(source, out)
     from engine import checkpoint as ck
     from engine.weights import model_from_checkpoint, write_weights
 

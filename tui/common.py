@@ -64,29 +64,17 @@ def has_terminal() -> bool:
     return sys.stdin.isatty() and sys.stderr.isatty() and term not in ("", "dumb")
 
 
-# The CLI library's usage errors, reached through typer's public BadParameter (no private import).
-_USAGE_ERROR: type[Exception] = typer.BadParameter.__mro__[1]
-_CLI_ERROR: type[Exception] = typer.BadParameter.__mro__[2]
-
-
 def run_app(app: typer.Typer, argv: list[str]) -> int:
     """Run the typer app on ``argv``; usage errors (unknown flag, bad value) as one line; the exit code."""
+    from .entry import report_cli_error
+
     try:
         code = app(args=argv, standalone_mode=False)
+    except typer.TyperException as e:  # every click error: usage errors, a bare `gpt-tui`
+        return report_cli_error(e)
     except typer.Abort:
         print("gpt-tui: aborted", file=sys.stderr)
         return 1
-    except _USAGE_ERROR as e:
-        if type(e).__name__ == "NoArgsIsHelpError":  # a bare command group: its help
-            e.show()  # type: ignore[attr-defined]
-            return int(e.exit_code)  # type: ignore[attr-defined]
-        ctx = getattr(e, "ctx", None)
-        cmd = ctx.command_path if ctx is not None else "gpt-tui"
-        print(f"gpt-tui: error: {e.format_message().rstrip('.')}: see `{cmd} --help`", file=sys.stderr)  # type: ignore[attr-defined]
-        return int(e.exit_code)  # type: ignore[attr-defined]
-    except _CLI_ERROR as e:
-        print(f"gpt-tui: error: {e.format_message()}", file=sys.stderr)  # type: ignore[attr-defined]
-        return int(e.exit_code)  # type: ignore[attr-defined]
     return code if isinstance(code, int) else 0
 
 
