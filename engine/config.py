@@ -110,6 +110,9 @@ class TrainConfig:
     """Consecutive non-finite steps that pause (or stop) the run."""
     fsdp: bool = False
     """Shard parameters and optimizer state with FSDP under torchrun."""
+    log: list[str] = field(default_factory=list)
+    """Also log the metrics and samples to ``tensorboard`` (RUN/tensorboard) and/or ``wandb`` (RUN/wandb);
+    repeatable. Empty or ``none``: metrics.jsonl only."""
     # Instruction finetuning (``gpt-tui finetune``, engine.instruct); ignored by ``train``.
     max_length: int | None = None
     """Longest instruction example in tokens; longer ones are cut (default: the model's context)."""
@@ -163,6 +166,10 @@ class TrainConfig:
             raise GptTuiError(f"--sample-every must be 'epoch' or a number, got {se!r}", "use --sample-every epoch")
         if self.keep_last < 1:
             raise GptTuiError(f"--keep-last must be at least 1, got {self.keep_last}", "use --keep-last 1 or more")
+        if self.log:
+            from .loggers import check_loggers
+
+            check_loggers(self.log)
 
     def effective_tokenizer(self) -> str:
         if self.tokenizer != "auto":
@@ -228,4 +235,5 @@ SAFE_ON_RESUME = {
     "epochs", "max_steps", "eval_every", "eval_batches", "sample_every", "prompt", "sample_tokens",
     "checkpoint_every", "keep_last", "device", "threads", "out", "resume", "spike_factor",
     "max_bad_steps", "compile", "lr", "min_lr", "grad_clip", "data", "text_field", "fsdp", "test_responses",
+    "log",
 }

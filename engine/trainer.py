@@ -52,6 +52,7 @@ from .events import (
     StateEvent,
     StepEvent,
 )
+from .loggers import build_loggers, close_loggers
 from .model import GPT, PRESETS, ModelConfig, describe_shape_mismatch
 from .sampling import SampleSettings, generate_stream
 from .tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer, tokenizer_from_spec
@@ -233,10 +234,11 @@ class Trainer:
                     "give a larger --max-steps or --epochs to train it further",
                 )
         if self.is_main:
+            self.loggers = build_loggers(cfg.log, self.run_dir, lambda m: self._log(m, "warning"))
             os.makedirs(ck.ckpt_dir(self.run_dir), exist_ok=True)
             ck.write_json_atomic(os.path.join(self.run_dir, "config.json"), self.run_config())
             self.metrics = MetricsWriter(os.path.join(self.run_dir, "metrics.jsonl"))
-            self.sink = MultiSink([self.metrics, self.user_sink])
+            self.sink = MultiSink([self.metrics, *self.loggers, self.user_sink])
         self.state = "ready"
         self.emit(
             RunStarted(
@@ -813,6 +815,7 @@ class Trainer:
                 raise oom from None
             raise
         finally:
+            close_loggers(getattr(self, "loggers", []))
             if self.metrics is not None:
                 self.metrics.close()
 
