@@ -32,9 +32,9 @@ def config_from_flags(flags: dict[str, Any], config_file: str | None) -> Any:
     base: dict[str, Any] = load_toml(config_file) if config_file else {}
     explicit = set(base)
     for k, v in flags.items():
-        if v is None or (k == "data" and not v):
+        if v is None or (k in ("data", "log") and not v):
             continue
-        base[k] = list(v) if k == "data" else v
+        base[k] = list(v) if k in ("data", "log") else v
         explicit.add(k)
     cfg = TrainConfig.from_dict(base)
     cfg._explicit = explicit  # type: ignore[attr-defined]
@@ -94,6 +94,7 @@ def train(
     spike_factor: float = _o(None, "--spike-factor", help="Pause/stop when loss exceeds this x its recent mean (0: off)."),
     max_bad_steps: int = _o(None, "--max-bad-steps", help="Non-finite steps in a row that pause/stop (default 3)."),
     fsdp: bool = _o(None, "--fsdp/--no-fsdp", help="Shard the model with FSDP under torchrun."),
+    log: list[str] = _o(None, "--log", help="Also log to tensorboard (RUN/tensorboard) or wandb (RUN/wandb); repeatable. Default: metrics.jsonl only."),
     config: str = _o(None, "--config", help="TOML file of settings (flags override it)."),
     headless: bool = _o(False, "--headless", help="No dashboard: progress lines on stdout."),
     detach: bool = _o(False, "--detach", help="Run in the background; attach with `gpt-tui attach RUN_DIR`."),
@@ -229,9 +230,9 @@ def generate(
 
 
 # Commands that live in their own modules.
-from . import cmd_dist, cmd_gpt2, cmd_prepare, cmd_runs, cmd_sample, cmd_speed  # noqa: E402
+from . import cmd_dist, cmd_gpt2, cmd_logs, cmd_prepare, cmd_runs, cmd_sample, cmd_speed  # noqa: E402
 
-for _m in (cmd_gpt2, cmd_sample, cmd_speed, cmd_dist, cmd_prepare, cmd_runs):
+for _m in (cmd_gpt2, cmd_sample, cmd_speed, cmd_dist, cmd_prepare, cmd_runs, cmd_logs):
     _m.register(app)
 
 
