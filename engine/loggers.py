@@ -461,6 +461,8 @@ def history(run_dir: str) -> list[Event]:
         e: Any = event_from_record(rec)
         if e is None:
             continue
+        if e.type == "eval" and rec.get("val_bpb") is not None and getattr(e, "val_bpb", None) is None:
+            e.val_bpb = rec["val_bpb"]  # written by runs whose eval events carry it
         if e.type == "start" and e.resumed_from:
             events = [x for x in events if getattr(x, "step", 0) <= e.resumed_step or x.type == "start"]
         events.append(e)

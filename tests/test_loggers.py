@@ -414,22 +414,6 @@ def test_online_wandb_without_a_login_is_refused_before_training(corpus: Path, t
     assert not (run / "metrics.jsonl").exists()
 
 
-def test_instruction_samples_keep_prompt_response_and_expected(tmp_path: Path) -> None:
-    pytest.importorskip("tensorboard")
-    from engine.events import SampleEvent
-    from engine.loggers import TensorBoardWriter
-
-    writer = TensorBoardWriter(str(tmp_path / "tb"))
-    writer.handle(SampleEvent(step=3, epoch=0, text="Paris.", prompt="### Instruction:\nCapital of France?",
-                              expected="The capital of France is Paris."))
-    writer.close()
-    _, samples = read_tensorboard(tmp_path / "tb")
-    assert [s for s, _ in samples] == [3]
-    text = samples[0][1]
-    assert "### Instruction:\nCapital of France?" in text and "Paris." in text
-    assert "**Expected**" in text and "The capital of France is Paris." in text
-
-
 @pytest.mark.slow
 def test_loggers_under_the_dashboard_stay_off_the_screen_and_close_on_quit(corpus: Path, tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
@@ -465,3 +449,33 @@ def test_loggers_under_the_dashboard_stay_off_the_screen_and_close_on_quit(corpu
     assert [row["step"] for row in rows if "train/loss" in row] == list(range(1, 11))
     files = glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert [r.exit.exit_code for r in wandb_records(files[0]) if r.WhichOneof("record_type") == "exit"] == [0]
+
+
+def test_export_keeps_val_bpb_and_instruction_samples(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from engine.loggers import export_metrics
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [
+        {"type": "start", "time": 1.0, "run_dir": str(run), "config": {"lr": 0.001}, "n_params": 10, "device": "cpu",
+         "dtype": "fp32", "total_steps": 2, "steps_per_epoch": 2},
+        {"type": "step", "time": 2.0, "step": 1, "epoch": 0, "loss": 2.5, "lr": 0.001, "grad_norm": 1.5,
+         "tokens_seen": 64, "tokens_per_sec": 1000.0, "step_time": 0.1, "mfu": None},
+        {"type": "step", "time": 3.0, "step": 2, "epoch": 0, "loss": 2.25, "lr": 0.0005, "grad_norm": 1.25,
+         "tokens_seen": 128, "tokens_per_sec": 1100.0, "step_time": 0.1, "mfu": None},
+        {"type": "eval", "time": 4.0, "step": 2, "train_loss": 2.2, "val_loss": 2.3, "val_bpb": 1.125},
+        {"type": "sample", "time": 5.0, "step": 2, "epoch": 0, "text": "Paris.", "prompt": "Capital of France?",
+         "expected": "Paris is the capital."},
+        {"type": "state", "time": 6.0, "state": "finished", "step": 2},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    dest, counts = export_metrics(str(run))
+    assert dest == str(run / "tensorboard")
+    assert counts == {"train/loss": 2, "train/lr": 2, "train/grad_norm": 2, "train/tokens_per_sec": 2,
+                      "eval/train_loss": 1, "eval/val_loss": 1, "eval/val_bpb": 1, "samples": 1}
+    scalars, samples = read_tensorboard(run / "tensorboard")
+    assert scalars["eval/val_bpb"] == [(2, 1.125)]
+    assert scalars["train/loss"] == [(1, 2.5), (2, 2.25)] and "train/mfu" not in scalars
+    assert samples[0][0] == 2
+    assert all(t in samples[0][1] for t in ("Capital of France?", "Paris.", "**Expected**", "Paris is the capital."))
