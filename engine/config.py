@@ -122,6 +122,9 @@ class TrainConfig:
     """Consecutive non-finite steps that pause (or stop) the run."""
     fsdp: bool = False
     """Shard parameters and optimizer state with FSDP under torchrun."""
+    log: list[str] = field(default_factory=list)
+    """Also log the metrics and samples to ``tensorboard`` (RUN/tensorboard) and/or ``wandb`` (RUN/wandb);
+    repeatable. Empty or ``none``: metrics.jsonl only."""
     # Instruction finetuning (``gpt-tui finetune``, engine.instruct); ignored by ``train``.
     max_length: int | None = None
     """Longest instruction example in tokens; longer ones are cut."""
@@ -137,10 +140,25 @@ class TrainConfig:
     """Comma list of the layers that get adapters: attn, mlp, head."""
 
     def validate(self) -> None:
+        """Check every setting; GptTuiError names the first bad one and a value that works."""
         if self.preset not in PRESETS:
             raise GptTuiError(f"unknown preset {self.preset!r}", f"choose one of {', '.join(PRESETS)}")
         if self.tokenizer != "auto":
             check_tokenizer_name(self.tokenizer)
+        self._check_ranges()
+        if self.weight_init not in WEIGHT_INITS:
+            raise GptTuiError(f"unknown --weight-init {self.weight_init!r}", f"choose {' or '.join(WEIGHT_INITS)}")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise GptTuiError(f"unknown dtype {self.dtype!r}", "choose auto, fp32, bf16 or fp16")
+        se = str(self.sample_every)
+        if se != "epoch" and not (se.isdigit()):
+            raise GptTuiError(f"--sample-every must be 'epoch' or a number, got {se!r}", "use --sample-every epoch")
+        if self.log:
+            from .loggers import check_loggers
+
+            check_loggers(self.log)
+
+    def _check_ranges(self) -> None:
         positive = {
             "lr": self.lr,
             "batch_size": self.batch_size,
@@ -166,13 +184,6 @@ class TrainConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise GptTuiError(f"--{name} must be in [0, 1), got {v}", f"use e.g. --{name} {0.9 if name == 'beta1' else 0.95}")
-        if self.weight_init not in WEIGHT_INITS:
-            raise GptTuiError(f"unknown --weight-init {self.weight_init!r}", f"choose {' or '.join(WEIGHT_INITS)}")
-        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
-            raise GptTuiError(f"unknown dtype {self.dtype!r}", "choose auto, fp32, bf16 or fp16")
-        se = str(self.sample_every)
-        if se != "epoch" and not (se.isdigit()):
-            raise GptTuiError(f"--sample-every must be 'epoch' or a number, got {se!r}", "use --sample-every epoch")
         if self.keep_last < 1:
             raise GptTuiError(f"--keep-last must be at least 1, got {self.keep_last}", "use --keep-last 1 or more")
         if self.target_val_loss is not None and self.target_val_loss <= 0:
@@ -220,6 +231,10 @@ class TrainConfig:
         return dataclasses.replace(self, **kw)
 
 
+LIST_SETTINGS = ("data", "log")
+"""Repeatable flags: given as lists, an empty one counts as not given."""
+
+
 def config_from_settings(flags: dict[str, Any], base: dict[str, Any] | None = None,
                          defaults: dict[str, Any] | None = None) -> tuple[TrainConfig, frozenset[str]]:
     """A checked TrainConfig from ``base`` (a TOML file's settings) overlaid with the given ``flags``
@@ -227,9 +242,9 @@ def config_from_settings(flags: dict[str, Any], base: dict[str, Any] | None = No
     apply where nothing was given."""
     merged: dict[str, Any] = dict(base or {})
     for k, v in flags.items():
-        if v is None or (k == "data" and not v):
+        if v is None or (k in LIST_SETTINGS and not v):
             continue
-        merged[k] = list(v) if k == "data" else v
+        merged[k] = list(v) if k in LIST_SETTINGS else v
     explicit = frozenset(merged)
     for k, v in (defaults or {}).items():
         if k not in explicit and not (k == "epochs" and "max_steps" in explicit):
@@ -251,8 +266,9 @@ def load_toml(path: str) -> dict[str, Any]:
     if "train" in raw and isinstance(raw["train"], dict):
         raw = raw["train"]
     out = {k.replace("-", "_"): v for k, v in raw.items()}
-    if "data" in out and isinstance(out["data"], str):
-        out["data"] = [out["data"]]
+    for k in LIST_SETTINGS:
+        if k in out and isinstance(out[k], str):
+            out[k] = [out[k]]
     TrainConfig.from_dict(out)  # names checked here
     return out
 
@@ -263,6 +279,7 @@ SAFE_ON_RESUME = {
     "checkpoint_every", "keep_last", "device", "threads", "out", "resume", "spike_factor",
     "max_bad_steps", "compile", "lr", "min_lr", "grad_clip", "data", "text_field", "fsdp", "test_responses",
     "target_val_loss",
+    "log",
 }
 
 DEMO_EPOCHS = 3
@@ -389,6 +406,7 @@ def default_text(name: str) -> str:
         "test_responses": "as many as fit in a quarter of the training time (at least 20 s)",
         "max_steps": "none: --epochs decides", "resume": "none", "init": "none", "target_val_loss": "none",
         "checkpoint_every": "0: at the end, on a stop and on request",
+        "log": "none beyond metrics.jsonl",
         "prompt": "a new line",
     }
     if name in special:

@@ -43,6 +43,7 @@ from .events import (
 )
 from .guard import DivergenceGuard
 from .inference import encode_prompt, stream_text
+from .loggers import build_loggers, close_loggers
 from .prompts import format_prompt
 from .sampling import SampleSettings
 from .steps import Batches, StepReader, StepReading
@@ -90,6 +91,7 @@ class Trainer(LocalController):
         self.is_main = self.rank == 0
         self.user_sink, self.sink = sink, MultiSink([sink] if sink else [])
         self.metrics: MetricsWriter | None = None
+        self.loggers: list[Any] = []  # --log: TensorBoard, W&B
         self.progress: Callable[[int, int], None] | None = None  # tokenizing progress (bytes done, total)
         self.state = "created"
         self.step = self.tokens_seen = self.steps_per_epoch = self.total_steps = self.warmup = 0
@@ -175,12 +177,13 @@ class Trainer(LocalController):
             raise GptTuiError(f"the run in {self.run_dir} already finished ({self.step} of {self.total_steps} steps)",
                               "give a larger --max-steps or --epochs to train it further")
         if self.is_main:
+            self.loggers = build_loggers(self.cfg.log, self.run_dir, lambda m: self.log(m, "warning"))
             os.makedirs(ck.ckpt_dir(self.run_dir), exist_ok=True)
             ck.write_json_atomic(os.path.join(self.run_dir, "config.json"), st.run_config(
                 self.cfg, self.model, self.tokenizer, self.device, self.dtype, self.world, self.total_steps,
                 self.steps_per_epoch))
             self.metrics = MetricsWriter(os.path.join(self.run_dir, "metrics.jsonl"))
-            self.sink = MultiSink([self.metrics, self.sink])
+            self.sink = MultiSink([self.metrics, *self.loggers, self.sink])
         self.state = "ready"
         self.emit(RunStarted(
             run_dir=self.run_dir, config=self.cfg.to_dict(), n_params=self.model.num_params(),
@@ -412,6 +415,7 @@ class Trainer(LocalController):
                 raise
             raise err from (e if not isinstance(e, torch.OutOfMemoryError) else None)
         finally:
+            close_loggers(self.loggers)
             if self.metrics is not None:
                 self.metrics.close()
 

@@ -16,7 +16,7 @@ import typer
 from .common import fail, friendly_errors
 
 SHORT = {"data": "-d", "batch_size": "-b", "out": "-o"}
-METAVARS = {"data": "PATH", "out": "DIR", "resume": "RUN", "init": "PATH", "lr": "LR", "min_lr": "LR",
+METAVARS = {"data": "PATH", "log": "NAME", "out": "DIR", "resume": "RUN", "init": "PATH", "lr": "LR", "min_lr": "LR",
             "initial_lr": "LR", "preset": "NAME", "tokenizer": "NAME", "device": "DEVICE", "dtype": "DTYPE"}
 BOOL_FLAGS = {"qkv_bias", "tie_weights", "compile", "fsdp", "mask_prompt"}
 
@@ -38,7 +38,9 @@ FINETUNE_HELP = {
 
 
 def _annotation(name: str, hint: Any) -> Any:
-    if name == "data":
+    from engine.config import LIST_SETTINGS
+
+    if name in LIST_SETTINGS:
         return list[str]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
