@@ -119,11 +119,9 @@ def keep_freed_memory() -> bool:
     tensors (activations, the weights cast to bf16, the head's and the embedding's gradients)
     are page-faulted in and zeroed by the kernel again. Here every block comes from the heap,
     the heap keeps its free memory (up to 2 GB at its top), and all threads share one arena,
-    so the training thread reuses what the previous step freed. Measured on ``gpt2`` at
-    2 x 256 in a training thread, 20 steps, runs alternating: 1.26-1.30 s -> 1.06-1.10 s a
-    step, page faults 4.5 M -> 0.95 M, RSS 3.1 -> 3.5-3.8 GB (flat after the first steps).
-    Process-wide and only for glibc (Linux); ``GPT_TUI_MALLOC=default`` leaves the allocator
-    alone. Call it before starting threads. Returns whether it applied.
+    so the training thread reuses what the previous step freed (the figures are in the README's
+    speed section). Process-wide and only for glibc (Linux); ``GPT_TUI_MALLOC=default`` leaves
+    the allocator alone. Call it before starting threads. Returns whether it applied.
     """
     if os.environ.get("GPT_TUI_MALLOC") == "default" or not sys.platform.startswith("linux"):
         return False
@@ -143,10 +141,9 @@ def cpu_threads_text() -> str:
 def default_threads(with_ui: bool) -> int:
     """Torch threads for CPU training: every core headless; beside the dashboard, the cores not busy.
 
-    OpenMP threads that must share a core with other work stall each other at every op:
-    on a loaded 2-core box (load average 7) the tiny preset trained at 700-4,000 tokens/s
-    on 2 threads and 11,000-14,000 on 1 (small: 185 against 465). So beside the dashboard
-    a run leaves out a core for each whole unit of load average (keeping at least one).
+    OpenMP threads that must share a core with other work stall each other at every op (on a
+    loaded 2-core box 2 threads ran several times slower than 1), so beside the dashboard a run
+    leaves out a core for each whole unit of load average (keeping at least one).
     """
     n = os.cpu_count() or 1
     if not with_ui:

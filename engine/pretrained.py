@@ -108,8 +108,8 @@ def _need_int(d: dict, keys: tuple[str, ...], where: str) -> int:
     raise GptTuiError(f"{where} has no positive integer {' / '.join(keys)}", "copy the model's original file again")
 
 
-def _open_hf(path: str) -> GPT2Source:
-    cfg_path = os.path.join(path, "config.json")
+def _hf_hparams(cfg_path: str) -> dict[str, Any]:
+    """GPT-2's hyperparameters from a Hugging Face config.json, refusing what gpt-tui's GPT cannot be."""
     c = _read_json(cfg_path)
     mt = c.get("model_type", "gpt2")
     if mt != "gpt2":
@@ -134,53 +134,59 @@ def _open_hf(path: str) -> GPT2Source:
     for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
         if c.get(flag):
             raise GptTuiError(f"{cfg_path} sets {flag}, which gpt-tui's GPT does not have", "use a plain GPT-2 model")
+    return hp
 
+
+def _safetensors_reader(path: str, single: str, index: str) -> tuple[list[str], dict[str, tuple[int, ...]], Callable]:
+    """(files, tensor shapes, get) of a model.safetensors or a sharded one's index."""
+    from safetensors import safe_open
+
+    if os.path.isfile(single):
+        files = [single]
+    else:
+        wm = _read_json(index).get("weight_map", {})
+        files = [os.path.join(path, f) for f in sorted(set(wm.values()))]
+    shapes: dict[str, tuple[int, ...]] = {}
+    where: dict[str, Any] = {}
+    for f in files:
+        if not os.path.isfile(f):
+            raise GptTuiError(f"{f} is missing", "copy all of the model's files into the folder")
+        try:
+            h = safe_open(f, framework="pt")
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(f"{f} is not a readable safetensors file ({e})", "copy it again") from None
+        for k in h.keys():
+            shapes[k] = tuple(h.get_slice(k).get_shape())
+            where[k] = h
+    return files, shapes, lambda name: where[name].get_tensor(name)
+
+
+def _torch_bin_reader(pt: str) -> tuple[list[str], dict[str, tuple[int, ...]], Callable]:
+    """(files, tensor shapes, get) of a legacy pytorch_model.bin, loaded safely (weights only)."""
+    try:
+        try:
+            sd = torch.load(pt, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # files in torch's legacy (pre-zip) format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(pt, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{pt} could not be read safely ({str(e).splitlines()[0][:160]})",
+                              "use the model's model.safetensors instead") from None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{pt} does not hold a state dict", "use the model's model.safetensors instead")
+    return [pt], {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}, sd.__getitem__
+
+
+def _open_hf(path: str) -> GPT2Source:
+    hp = _hf_hparams(os.path.join(path, "config.json"))
     st = os.path.join(path, "model.safetensors")
     st_index = os.path.join(path, "model.safetensors.index.json")
     pt = os.path.join(path, "pytorch_model.bin")
     if os.path.isfile(st) or os.path.isfile(st_index):
-        from safetensors import safe_open
-
-        if os.path.isfile(st):
-            files = [st]
-        else:
-            wm = _read_json(st_index).get("weight_map", {})
-            files = [os.path.join(path, f) for f in sorted(set(wm.values()))]
-        handles = {}
-        shapes: dict[str, tuple[int, ...]] = {}
-        where: dict[str, Any] = {}
-        for f in files:
-            if not os.path.isfile(f):
-                raise GptTuiError(f"{f} is missing", "copy all of the model's files into the folder")
-            try:
-                h = safe_open(f, framework="pt")
-            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-                raise CheckpointError(f"{f} is not a readable safetensors file ({e})", "copy it again") from None
-            handles[f] = h
-            for k in h.keys():
-                shapes[k] = tuple(h.get_slice(k).get_shape())
-                where[k] = h
-
-        def get(name: str) -> torch.Tensor:
-            return where[name].get_tensor(name)
+        files, shapes, get = _safetensors_reader(path, st, st_index)
     elif os.path.isfile(pt):
-        files = [pt]
-        try:
-            try:
-                sd = torch.load(pt, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:  # files in torch's legacy (pre-zip) format cannot be memory-mapped
-                if "mmap" not in str(e):
-                    raise
-                sd = torch.load(pt, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{pt} could not be read safely ({str(e).splitlines()[0][:160]})",
-                                  "use the model's model.safetensors instead") from None
-        if not isinstance(sd, dict):
-            raise CheckpointError(f"{pt} does not hold a state dict", "use the model's model.safetensors instead")
-        shapes = {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
-
-        def get(name: str) -> torch.Tensor:
-            return sd[name]
+        files, shapes, get = _torch_bin_reader(pt)
     else:
         raise GptTuiError(f"{path} has config.json but no model.safetensors or pytorch_model.bin",
                           "copy the weights file into the folder (see the README, Start from GPT-2)")

@@ -30,8 +30,8 @@ from .model import GPT, PRESETS, ModelConfig
 from .strategy import Strategy
 
 KEEP_MEMORY_FROM_PARAMS = 4_000_000
-"""Models this big get :func:`engine.device.keep_freed_memory` on CPU (measured: it speeds up
-``gpt2``-sized steps by a sixth and slows the ``tiny`` preset; see the README's speed section)."""
+"""Models this big get :func:`engine.device.keep_freed_memory` on CPU (it speeds up ``gpt2``-sized
+steps and slows the ``tiny`` preset: the README's speed section has the figures)."""
 
 
 # ------------------------------------------------------------------ the process

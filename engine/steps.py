@@ -95,8 +95,9 @@ class StepReader:
     :meth:`flush` returns what is still pending (before an eval, a checkpoint, the end).
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.deferred = device.type == "cuda"
+    def __init__(self, device: torch.device, deferred: bool | None = None) -> None:
+        self.deferred = device.type == "cuda" if deferred is None else deferred
+        self.cuda = device.type == "cuda"
         self._pending: tuple[int, torch.Tensor, Any, dict[str, Any]] | None = None
 
     def push(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, finite: torch.Tensor,
@@ -105,20 +106,24 @@ class StepReader:
         if not self.deferred:
             return [self._read(step, values, info)]
         out = self.flush()
-        host = torch.empty(3, dtype=torch.float32, pin_memory=True)
-        host.copy_(values, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._pending = (step, host, event, info)
+        event = None
+        if self.cuda:
+            host = torch.empty(3, dtype=torch.float32, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            values = host
+        self._pending = (step, values, event, info)
         return out
 
     def flush(self) -> list[StepReading]:
         if self._pending is None:
             return []
-        step, host, event, info = self._pending
+        step, values, event, info = self._pending
         self._pending = None
-        event.synchronize()
-        return [self._read(step, host, info)]
+        if event is not None:
+            event.synchronize()
+        return [self._read(step, values, info)]
 
     @staticmethod
     def _read(step: int, values: torch.Tensor, info: dict[str, Any]) -> StepReading:

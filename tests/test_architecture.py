@@ -15,11 +15,11 @@ PACKAGES = ("engine", "tui")
 
 # engine/, bottom to top: a module may import modules of its own layer or below, never above.
 ENGINE_LAYERS = [
-    ["errors", "events", "prompts"],
+    ["errors", "events", "prompts", "loggers"],
     ["model", "tokenizer", "device", "corpus", "recorder", "tf_checkpoint"],
     ["config", "corpora", "checkpoint", "checkpoint.io", "checkpoint.format"],
     ["data", "sampling", "lora", "pretrained", "commands", "guard", "steps", "runs"],
-    ["weights", "inference", "strategy", "loggers", "hf_export", "optim"],
+    ["weights", "inference", "strategy", "hf_export", "optim"],
     ["task", "instruct", "setup", "run_state", "inspect_tokens"],
     ["trainer", "distributed", "control"],
     ["runner", "bench"],

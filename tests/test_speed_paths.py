@@ -319,3 +319,94 @@ def test_only_big_models_get_the_allocator_tuning(corpus, tmp_path) -> None:
     n = t.model.num_params()
     assert expected_params(TrainConfig(resume=str(tmp_path / "run"))) == n
     assert expected_params(TrainConfig(resume=t.last_checkpoint)) == n
+
+
+# ------------------------------------------------------------------ the step and the host
+def test_the_step_reads_nothing_back_from_the_device(corpus, tmp_path, monkeypatch) -> None:
+    """train_step never calls .item(), float(), bool() or .cpu() on a tensor: on CUDA that would wait for the GPU."""
+    from engine.trainer import Trainer
+
+    t = Trainer(tiny_config(corpus, tmp_path / "run", max_steps=6, grad_clip=1.0, dropout=0.1))
+    t.setup()
+    t.run_step()  # warm-up outside the watch
+
+    def refuse(name):
+        def read(self, *a, **kw):
+            raise AssertionError(f"the step read a tensor back with {name}")
+        return read
+
+    for name in ("item", "__float__", "__bool__", "__int__", "cpu", "tolist", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    for _ in range(3):
+        loss, gnorm, finite = t.train_step()
+    monkeypatch.undo()
+    assert torch.isfinite(loss) and bool(finite) and float(gnorm) > 0
+
+
+def test_reading_a_step_late_gives_the_same_events(corpus, tmp_path) -> None:
+    """The deferred reader (what CUDA uses) reports every step once, in order, with the same figures."""
+    from engine.events import read_metrics
+    from engine.steps import StepReader
+    from engine.trainer import Trainer
+
+    losses = {}
+    for deferred in (False, True):
+        t = Trainer(tiny_config(corpus, tmp_path / f"run{deferred}", max_steps=12, eval_every=5, checkpoint_every=4))
+        t.setup()
+        t.reader = StepReader(t.device, deferred=deferred)
+        t.fit()
+        recs = read_metrics(str(tmp_path / f"run{deferred}" / "metrics.jsonl"))
+        steps = [r["step"] for r in recs if r["type"] == "step"]
+        assert steps == list(range(1, 13))
+        # a step's event comes before the eval and the checkpoint of the same step
+        order = [(r["type"], r["step"]) for r in recs if r["type"] in ("step", "eval", "checkpoint")]
+        for kind, s in order:
+            if kind != "step":
+                assert order.index(("step", s)) < order.index((kind, s))
+        losses[deferred] = [r["loss"] for r in recs if r["type"] == "step"]
+    assert losses[True] == losses[False]
+
+
+def test_a_non_finite_step_is_skipped_on_the_device(corpus, tmp_path) -> None:
+    """The fused optimizer skips a step whose gradients are not finite without any host read."""
+    from engine.trainer import Trainer
+
+    t = Trainer(tiny_config(corpus, tmp_path / "run", max_steps=4))
+    t.setup()
+    assert t.optimizer.defaults.get("fused"), "CPU training uses the fused AdamW"
+    t.run_step()
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    moments = {i: s["exp_avg"].clone() for i, s in t.optimizer.state_dict()["state"].items()}
+    for p in t.model.parameters():  # a NaN gradient, as a bad batch would make
+        p.register_hook(lambda g: g * float("nan"))
+    _, _, finite = t.train_step()
+    assert not bool(finite)
+    assert all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+    assert all(torch.equal(moments[i], s["exp_avg"]) for i, s in t.optimizer.state_dict()["state"].items())
+
+
+@pytest.mark.slow
+def test_compile_compiles_once(corpus, tmp_path) -> None:
+    """--compile: one compilation in the first step, no recompiles after (dynamo's counters)."""
+    pytest.importorskip("torch._dynamo")
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from engine.recorder import Recorder
+    from engine.trainer import Trainer
+
+    torch._dynamo.reset()
+    counters.clear()
+    rec = Recorder()
+    t = Trainer(tiny_config(corpus, tmp_path / "run", max_steps=6, eval_every=3, compile=True), rec)
+    t.setup()
+    try:
+        assert t.fit() == "finished"
+    except Exception as e:  # noqa: BLE001 - no C compiler or inductor backend here
+        pytest.skip(f"torch.compile does not work on this machine: {e}")
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert sum(counters["recompiles"].values()) == 0, dict(counters["recompiles"])
+    from engine.events import read_metrics
+
+    seen = [r["state"] for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if r["type"] == "state"]
+    assert seen[:2] == ["compiling", "running"]

@@ -236,6 +236,8 @@ class DashboardApp(App[int]):
             note, style = snap.state_message, "yellow"
         elif state in ("finished", "stopped"):
             note = (snap.state_message + " · " if snap.state_message else "") + "q exits"
+        elif state == "compiling":
+            note, style = "compiling the model (the first step takes a while)", "dim"
         elif state in ("starting", "finishing"):
             progress = [lg for lg in snap.logs if lg.level == "progress"]
             note, style = (progress[-1].message if progress else "setting up"), "dim"

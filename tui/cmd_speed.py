@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 import typer
@@ -117,6 +118,100 @@ def _table(title: str) -> Any:
     return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False)
 
 
+def _peaks(con: Any, peaks: list[Any]) -> None:
+    t = _table("Device peak (matmul)")
+    for c in ("dtype", "FLOP/s", "source"):
+        t.add_column(c)
+    for p in peaks:
+        cond = [f"{p.size}x{p.size}"] if p.size else []
+        cond += [f"load {p.load_avg}"] if p.load_avg is not None else []
+        t.add_row(p.dtype, _fmt_si(p.flops, "FLOP/s"), p.source + (f" ({', '.join(cond)})" if cond else ""))
+    con.print(t)
+
+
+def _train(con: Any, rows: list[Any]) -> None:
+    compare = any(r.book_tokens_per_sec for r in rows)
+    t = _table("Training (default flags; median step after warm-up)")
+    cols = ["preset", "BxT", "tokens", "dtype", "params", "step", "tok/s", "MFU"]
+    cols += ["book tok/s", "ratio"] if compare else ["peak mem"]
+    for c in cols:
+        t.add_column(c, justify="right" if c not in ("preset", "tokens", "dtype") else "left", no_wrap=True,
+                     min_width=len(c))
+    for r in rows:
+        row = [r.preset, f"{r.batch_size}x{r.context}", r.tokenizer, r.dtype, _fmt_si(r.n_params),
+               _fmt_step(r.step_time), _fmt_short_rate(r.tokens_per_sec),
+               f"{r.mfu * 100:.1f}%" if r.mfu is not None else "-"]
+        if compare:
+            row += [_fmt_short_rate(r.book_tokens_per_sec), f"{r.ratio:.2f}x" if r.ratio else "-"]
+        else:
+            row += [f"{r.peak_memory_mb:,.0f} MB {r.memory_kind}" if r.peak_memory_mb else "-"]
+        t.add_row(*row)
+    con.print(t)
+
+
+def _threads(con: Any, rows: list[Any]) -> None:
+    t = _table("Torch threads (training tokens/s, steps interleaved)")
+    counts = sorted({n for r in rows for n in r.tokens_per_sec})
+    for c in ["preset", "load avg", *(f"{n} thread{'s' if n > 1 else ''}" for n in counts)]:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r.preset, f"{r.load_avg}", *(_fmt_rate(r.tokens_per_sec.get(n)) for n in counts))
+    con.print(t)
+
+
+def _optimizer(con: Any, rows: list[Any]) -> None:
+    t = _table("AdamW step (same parameters and gradients)")
+    for c in ("preset", "params", "for-loop (torch CPU default)", "foreach", "fused (ours)", "fused speed-up"):
+        t.add_column(c)
+    for o in rows:
+        ms = o.step_ms
+        t.add_row(o.preset, _fmt_si(o.n_params), *(f"{ms[k]:,.1f} ms" for k in ("for-loop", "foreach", "fused")),
+                  f"{o.fused_speedup:.1f}x" if o.fused_speedup else "-")
+    con.print(t)
+
+
+def _generate(con: Any, rows: list[Any]) -> None:
+    t = _table("Generation (greedy, batch 1)")
+    for c in ("preset", "dtype", "prompt + new", "KV cache tok/s", "recompute tok/s", "speed-up"):
+        t.add_column(c)
+    for g in rows:
+        t.add_row(g.preset, g.dtype, f"{g.prompt_tokens} + {g.new_tokens}", _fmt_rate(g.cached_tokens_per_sec),
+                  _fmt_rate(g.uncached_tokens_per_sec), f"{g.speedup:.1f}x")
+    con.print(t)
+
+
+def _tokenize(con: Any, rows: list[Any]) -> None:
+    t = _table("Tokenization (into the token cache)")
+    for c in ("tokenizer", "corpus", "MB", "tokens", "MB/s"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r.tokenizer, r.corpus, f"{r.megabytes:.2f}", f"{r.tokens:,}", f"{r.mb_per_sec:.2f}")
+    con.print(t)
+
+
+def _launch(con: Any, la: Any) -> None:
+    sec = lambda v: "-" if v is None else f"{v:.2f} s"  # noqa: E731
+    con.print(f"Launch: setup done after {sec(la.to_setup)}, first step after {sec(la.to_first_step)} "
+              f"([dim]{la.command}[/])")
+
+
+def _memory(con: Any, r: Any) -> None:
+    con.print(f"Peak memory, {r.preset} at batch {r.batch_size} x {r.context} ({r.dtype}): "
+              f"{r.peak_memory_mb:,.0f} MB {r.memory_kind}" if r.peak_memory_mb else "Peak memory: -")
+
+
+def _soak(con: Any, s: Any) -> None:
+    g = s.growth_mb()
+    con.print(f"Memory over {s.steps:,} steps of tiny: growth {g:+.1f} MB after the first quarter; "
+              f"recorder holds {s.recorder_points} of at most {s.recorder_max_points} points"
+              if g is not None else "Memory soak: too few samples")
+
+
+SECTIONS = {"peaks": _peaks, "train": _train, "threads": _threads, "optimizer": _optimizer, "generate": _generate,
+            "tokenize": _tokenize, "launch": _launch, "memory": _memory, "soak": _soak}
+"""Each part of a report and how it is drawn, in the order they are shown."""
+
+
 def render(report: dict[str, Any]) -> None:
     """Draw the report as rich tables on stdout; headers are never cut at 80 columns."""
     from rich.console import Console
@@ -126,80 +221,93 @@ def render(report: dict[str, Any]) -> None:
     gpu = f" · {m['gpu']}" if m.get("gpu") else ""
     con.print(f"[bold]gpt-tui bench[/] {m['date']} · {m['cpu']} · {m['cores']} cores{gpu} · torch {m['torch']} · "
               f"{m['device']}, {m['threads']} threads · load {m.get('load_avg', '-')}")
-    if report.get("peaks"):
-        t = _table("Device peak (matmul)")
-        for c in ("dtype", "FLOP/s", "source"):
-            t.add_column(c)
-        for p in report["peaks"]:
-            cond = [f"{p.size}x{p.size}"] if p.size else []
-            cond += [f"load {p.load_avg}"] if p.load_avg is not None else []
-            t.add_row(p.dtype, _fmt_si(p.flops, "FLOP/s"), p.source + (f" ({', '.join(cond)})" if cond else ""))
-        con.print(t)
-    if report.get("train"):
-        compare = any(r.book_tokens_per_sec for r in report["train"])
-        t = _table("Training (default flags; median step after warm-up)")
-        cols = ["preset", "BxT", "tokens", "dtype", "params", "step", "tok/s", "MFU"]
-        cols += ["book tok/s", "ratio"] if compare else ["peak mem"]
-        for c in cols:
-            t.add_column(c, justify="right" if c not in ("preset", "tokens", "dtype") else "left", no_wrap=True,
-                         min_width=len(c))
-        for r in report["train"]:
-            row = [r.preset, f"{r.batch_size}x{r.context}", r.tokenizer, r.dtype, _fmt_si(r.n_params),
-                   _fmt_step(r.step_time), _fmt_short_rate(r.tokens_per_sec),
-                   f"{r.mfu * 100:.1f}%" if r.mfu is not None else "-"]
-            if compare:
-                row += [_fmt_short_rate(r.book_tokens_per_sec), f"{r.ratio:.2f}x" if r.ratio else "-"]
-            else:
-                row += [f"{r.peak_memory_mb:,.0f} MB {r.memory_kind}" if r.peak_memory_mb else "-"]
-            t.add_row(*row)
-        con.print(t)
-    if report.get("threads"):
-        t = _table("Torch threads (training tokens/s, steps interleaved)")
-        counts = sorted({n for r in report["threads"] for n in r.tokens_per_sec})
-        for c in ["preset", "load avg", *(f"{n} thread{'s' if n > 1 else ''}" for n in counts)]:
-            t.add_column(c)
-        for r in report["threads"]:
-            t.add_row(r.preset, f"{r.load_avg}", *(_fmt_rate(r.tokens_per_sec.get(n)) for n in counts))
-        con.print(t)
-    if report.get("optimizer"):
-        t = _table("AdamW step (same parameters and gradients)")
-        for c in ("preset", "params", "for-loop (torch CPU default)", "foreach", "fused (ours)", "fused speed-up"):
-            t.add_column(c)
-        for o in report["optimizer"]:
-            ms = o.step_ms
-            t.add_row(o.preset, _fmt_si(o.n_params), *(f"{ms[k]:,.1f} ms" for k in ("for-loop", "foreach", "fused")),
-                      f"{o.fused_speedup:.1f}x" if o.fused_speedup else "-")
-        con.print(t)
-    if report.get("generate"):
-        t = _table("Generation (greedy, batch 1)")
-        for c in ("preset", "dtype", "prompt + new", "KV cache tok/s", "recompute tok/s", "speed-up"):
-            t.add_column(c)
-        for g in report["generate"]:
-            t.add_row(g.preset, g.dtype, f"{g.prompt_tokens} + {g.new_tokens}", _fmt_rate(g.cached_tokens_per_sec),
-                      _fmt_rate(g.uncached_tokens_per_sec), f"{g.speedup:.1f}x")
-        con.print(t)
-    if report.get("tokenize"):
-        t = _table("Tokenization (into the token cache)")
-        for c in ("tokenizer", "corpus", "MB", "tokens", "MB/s"):
-            t.add_column(c)
-        for r in report["tokenize"]:
-            t.add_row(r.tokenizer, r.corpus, f"{r.megabytes:.2f}", f"{r.tokens:,}", f"{r.mb_per_sec:.2f}")
-        con.print(t)
-    if report.get("launch"):
-        la = report["launch"]
-        sec = lambda v: "-" if v is None else f"{v:.2f} s"  # noqa: E731
-        con.print(f"Launch: setup done after {sec(la.to_setup)}, first step after {sec(la.to_first_step)} "
-                  f"([dim]{la.command}[/])")
-    if report.get("memory"):
-        r = report["memory"]
-        con.print(f"Peak memory, {r.preset} at batch {r.batch_size} x {r.context} ({r.dtype}): "
-                  f"{r.peak_memory_mb:,.0f} MB {r.memory_kind}" if r.peak_memory_mb else "Peak memory: -")
-    if report.get("soak"):
-        s = report["soak"]
-        g = s.growth_mb()
-        con.print(f"Memory over {s.steps:,} steps of tiny: growth {g:+.1f} MB after the first quarter; "
-                  f"recorder holds {s.recorder_points} of at most {s.recorder_max_points} points"
-                  if g is not None else "Memory soak: too few samples")
+    for key, draw in SECTIONS.items():
+        if report.get(key):
+            draw(con, report[key])
+
+
+@dataclass
+class BenchOptions:
+    """What ``gpt-tui bench`` was asked to measure."""
+
+    parts: set[str]
+    presets: list[tuple[str, int | None, int | None]]
+    steps: int
+    warmup: int
+    batch_size: int | None
+    context: int | None
+    compare: bool
+    data: list[str]
+    device: str
+    dtype: str
+    threads: int | None
+    peak: float | None
+    gen_tokens: int
+    gen_presets: list[tuple[str, int | None, int | None]]
+    opt_presets: list[tuple[str, int | None, int | None]]
+    thread_presets: list[tuple[str, int | None, int | None]]
+    memory: tuple[str, int | None, int | None]
+    soak: int
+
+    def config(self, preset: str, batch_size: int | None = None, context: int | None = None, **kw: Any) -> Any:
+        from engine.bench import bench_config
+
+        return bench_config(preset, batch_size=batch_size, context=context, data=self.data, device=self.device,
+                            dtype=self.dtype, threads=self.threads, **kw)
+
+
+def _launch_command(o: BenchOptions, run: str) -> list[str]:
+    cmd = [sys.executable, "-m", "tui.cli", "train", "--headless", "--max-steps", "1", "--out", run,
+           "--device", o.device, "--dtype", o.dtype]
+    for f in o.data:
+        cmd += ["--data", f]
+    if o.threads:
+        cmd += ["--threads", str(o.threads)]
+    return cmd
+
+
+def _time_launch(o: BenchOptions, progress: Any) -> Any:
+    from engine import bench as B
+
+    progress("timing launch to first step (gpt-tui train --headless --max-steps 1)")
+    with tempfile.TemporaryDirectory(prefix="gpt-tui-bench-") as d:
+        run = os.path.join(d, "run")
+        return B.time_to_first_step(_launch_command(o, run), run)
+
+
+def run_parts(o: BenchOptions, dev: Any, progress: Any) -> dict[str, Any]:
+    """Measure each part asked for; the report ``render`` and ``to_json`` take."""
+    from engine import bench as B
+
+    report: dict[str, Any] = {"machine": B.machine_info(dev)}
+    p = o.parts
+    if "peak" in p:
+        progress("measuring the matmul peak")
+        report["peaks"] = B.device_peaks(dev, given=o.peak, progress=progress)
+    if "train" in p:
+        report["train"] = [B.bench_train(o.config(n, b or o.batch_size, t or o.context), steps=o.steps,
+                                         warmup=o.warmup, compare=o.compare, progress=progress) for n, b, t in o.presets]
+    if "threads" in p and dev.type == "cpu":
+        counts = sorted({1, max(1, (os.cpu_count() or 2) // 2), os.cpu_count() or 1})
+        report["threads"] = [B.bench_threads(o.config(n, b, t), counts, steps=o.steps, warmup=o.warmup,
+                                             progress=progress) for n, b, t in o.thread_presets]
+    if "optimizer" in p:
+        report["optimizer"] = [B.bench_optimizer(n, steps=o.steps, device=o.device, progress=progress)
+                               for n, _, _ in o.opt_presets]
+    if "generate" in p:
+        report["generate"] = [B.bench_generate(o.config(n, b, t), o.gen_tokens, progress=progress)
+                              for n, b, t in o.gen_presets]
+    if "tokenize" in p:
+        report["tokenize"] = B.bench_tokenize(o.data or None, progress=progress)
+    if "launch" in p:
+        report["launch"] = _time_launch(o, progress)
+    if "memory" in p:
+        n, b, t = o.memory
+        report["memory"] = B.bench_train(o.config(n, b or 2, t or 256), steps=1, warmup=1, progress=progress)
+    if o.soak:
+        progress(f"training tiny for {o.soak:,} steps (memory soak)")
+        report["soak"] = B.memory_soak(o.config("tiny", max_steps=o.soak))
+    return report
 
 
 def register(app: typer.Typer) -> None:
@@ -231,9 +339,6 @@ def register(app: typer.Typer) -> None:
         save: str = typer.Option(None, "--save", help="Also write the results as JSON to this file."),
     ) -> None:
         """Measure training, generation and tokenization speed on this machine."""
-        import torch
-
-        from engine import bench as B
         from engine.device import allow_peak_probe, resolve_device
 
         for flag, v in (("--steps", steps), ("--gen-tokens", gen_tokens)):
@@ -241,62 +346,24 @@ def register(app: typer.Typer) -> None:
                 fail(f"{flag} must be at least 1, got {v}")
         if warmup < 0 or soak < 0:
             fail("--warmup and --soak must not be negative")
-        parts = parse_parts(only, skip)
-        chosen = parse_presets(presets)
-        gens = parse_presets(gen_presets)
-        mem_spec = parse_presets(memory)[0]
+        opts = BenchOptions(
+            parts=parse_parts(only, skip), presets=parse_presets(presets), steps=steps, warmup=warmup,
+            batch_size=batch_size, context=context, compare=compare, data=list(data or []), device=device,
+            dtype=dtype, threads=threads, peak=peak, gen_tokens=gen_tokens, gen_presets=parse_presets(gen_presets),
+            opt_presets=parse_presets(opt_presets), thread_presets=parse_presets(thread_presets),
+            memory=parse_presets(memory)[0], soak=soak)
         dev = resolve_device(device)
-        common = dict(data=list(data or []), device=device, dtype=dtype, threads=threads)
         if dev.type == "cpu":
+            import torch
+
             from engine.device import default_threads
 
             torch.set_num_threads(threads or default_threads(False))
         allow_peak_probe(False)  # no probe beside the timed steps: the peak part measures it
-        report: dict[str, Any] = {"machine": B.machine_info(dev)}
         with _Progress(sys.stderr.isatty() or not as_json) as progress:
-            if "peak" in parts:
-                progress("measuring the matmul peak")
-                report["peaks"] = B.device_peaks(dev, given=peak, progress=progress)
-            if "train" in parts:
-                report["train"] = [
-                    B.bench_train(B.bench_config(p, batch_size=b or batch_size, context=t or context, **common),
-                                  steps=steps, warmup=warmup, compare=compare, progress=progress)
-                    for p, b, t in chosen
-                ]
-            if "threads" in parts and dev.type == "cpu":
-                counts = sorted({1, max(1, (os.cpu_count() or 2) // 2), os.cpu_count() or 1})
-                report["threads"] = [B.bench_threads(B.bench_config(p, batch_size=b, context=t, **common), counts,
-                                                     steps=steps, warmup=warmup, progress=progress)
-                                     for p, b, t in parse_presets(thread_presets)]
-            if "optimizer" in parts:
-                report["optimizer"] = [B.bench_optimizer(p, steps=steps, device=device, progress=progress)
-                                       for p, _, _ in parse_presets(opt_presets)]
-            if "generate" in parts:
-                report["generate"] = [
-                    B.bench_generate(B.bench_config(p, batch_size=b, context=t, **common), gen_tokens, progress=progress)
-                    for p, b, t in gens
-                ]
-            if "tokenize" in parts:
-                report["tokenize"] = B.bench_tokenize(data, progress=progress)
-            if "launch" in parts:
-                progress("timing launch to first step (gpt-tui train --headless --max-steps 1)")
-                with tempfile.TemporaryDirectory(prefix="gpt-tui-bench-") as d:
-                    run = os.path.join(d, "run")
-                    cmd = [sys.executable, "-m", "tui.cli", "train", "--headless", "--max-steps", "1", "--out", run,
-                           "--device", device, "--dtype", dtype]
-                    for f in data or []:
-                        cmd += ["--data", f]
-                    if threads:
-                        cmd += ["--threads", str(threads)]
-                    report["launch"] = B.time_to_first_step(cmd, run)
-            if "memory" in parts:
-                p, b, t = mem_spec
-                cfg = B.bench_config(p, batch_size=b or 2, context=t or 256, **common)
-                report["memory"] = B.bench_train(cfg, steps=1, warmup=1, progress=progress)
-            if soak:
-                progress(f"training tiny for {soak:,} steps (memory soak)")
-                cfg = B.bench_config("tiny", max_steps=soak, **common)
-                report["soak"] = B.memory_soak(cfg)
+            report = run_parts(opts, dev, progress)
+        from engine import bench as B
+
         if save:
             with open(save, "w", encoding="utf-8") as f:
                 f.write(B.to_json(report) + "\n")

@@ -69,6 +69,7 @@ def ema(ys: Sequence[float], alpha: float = 0.9) -> list[float]:
 STATE_STYLES = {
     "starting": "black on cyan",
     "ready": "black on cyan",
+    "compiling": "black on cyan",
     "running": "black on green",
     "paused": "black on yellow",
     "saving": "black on cyan",
@@ -76,6 +77,7 @@ STATE_STYLES = {
     "finished": "black on blue",
     "stopped": "black on magenta",
     "failed": "white on red",
+    "finishing": "black on blue",
 }
 
 DONE_STATES = FINAL_STATES
