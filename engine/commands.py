@@ -231,11 +231,29 @@ class LocalController:
         self.commands.cancel_generation()
 
     def change(self, setting: str, value: str, source: str = "dashboard") -> LiveChange:
-        from .config import LiveChange, parse_live_change
+        """Queue a live change, checked against the settings as they will be once the changes
+        queued before it have applied (so ``lr x2`` pressed twice within one step is x4)."""
+        from .config import LiveChange
 
-        change = LiveChange(setting.strip().replace("-", "_"), parse_live_change(self.cfg, setting, value), source=source)
+        change = LiveChange(setting.strip().replace("-", "_"), self.check_change(setting, value), source=source)
+        self.queued_changes().append(change)
         self.commands.put("change", change)
         return change
+
+    def check_change(self, setting: str, value: str) -> Any:
+        """The value ``setting=value`` would take, or GptTuiError naming why it is refused (nothing queued)."""
+        import dataclasses
+
+        from .config import parse_live_change
+
+        queued = {c.setting: c.new for c in list(self.queued_changes())}
+        return parse_live_change(dataclasses.replace(self.cfg, **queued) if queued else self.cfg, setting, value)
+
+    def queued_changes(self) -> list[LiveChange]:
+        """Changes asked for and not yet applied (the engine removes each as it applies it)."""
+        if "_queued_changes" not in self.__dict__:
+            self._queued_changes: list[LiveChange] = []
+        return self._queued_changes
 
     def stop(self, save: bool = True) -> None:
         self.commands.stop(save)

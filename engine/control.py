@@ -12,7 +12,7 @@ is one object ``{"ok": true, ...}`` or ``{"ok": false, "error": MESSAGE}``. Comm
 ``status``, ``pause``, ``resume``, ``toggle_pause``, ``checkpoint``, ``eval``,
 ``generate`` (``prompt``, ``settings``: SampleSettings fields, ``raw``; replies with the ``id``
 of the GenerateEvents), ``cancel_generation``, ``set`` (``setting``, ``value``, ``source``: a live
-change, refused with a reason), ``stop`` (``save``), and ``subscribe``: after its reply the
+change, refused with a reason; with ``check``: only checked, nothing queued), ``stop`` (``save``), and ``subscribe``: after its reply the
 connection streams every event the engine emits, one ``{"event": RECORD}`` per line (the records
 of ``metrics.jsonl``, plus streamed generations). Several connections may subscribe.
 
@@ -315,7 +315,11 @@ class ControlServer:
             elif cmd == "cancel_generation":
                 t.cancel_generation()
             elif cmd == "set":
-                change = t.change(str(req.get("setting", "")), str(req.get("value", "")), str(req.get("source", "shell")))
+                setting, value = str(req.get("setting", "")), str(req.get("value", ""))
+                if req.get("check"):  # only say whether it would be accepted
+                    new = t.check_change(setting, value)
+                    return {"ok": True, "setting": setting.strip().replace("-", "_"), "new": new}
+                change = t.change(setting, value, str(req.get("source", "shell")))
                 return {"ok": True, "setting": change.setting, "new": change.new}
             elif cmd == "stop":
                 t.stop(save=bool(req.get("save", True)))
@@ -513,6 +517,8 @@ class RemoteController:
         self.client = ControlClient(self.run_dir)
         self.connected = False
         self.template: str | None = None
+        self.pid: int | None = None
+        """The training process (its CPU and memory are what the system pane shows)."""
         self._paused = False
         self._stream: EventStream | None = None
         self._thread: threading.Thread | None = None
@@ -522,6 +528,7 @@ class RemoteController:
         self._stream = self.client.subscribe()  # first, so no event falls between history and live
         self._paused = bool(self._stream.status.get("paused"))
         self.template = self._stream.status.get("template")
+        self.pid = self._stream.status.get("pid")
         seen = load_history(self.run_dir, self.recorder)
         self.connected = True
         self._thread = threading.Thread(target=self._follow, args=(self._stream, seen), name="gpt-tui-attach",
