@@ -1,0 +1,162 @@
+"""Live changes end to end: ``gpt-tui set`` against a detached run, refusals, and an exact CPU resume of a
+run whose settings changed while it trained (the change after the checkpoint replayed from metrics.jsonl)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from engine import checkpoint as ck
+from engine.events import read_metrics
+from engine.trainer import Trainer
+from tests.conftest import run_cli, tiny_config
+from tests.test_attach import LONG_RUN, status
+from tests.test_resume import by_step
+
+
+def changes_in(run: Path) -> list[dict]:
+    return [r for r in read_metrics(str(run / "metrics.jsonl")) if r["type"] == "change"]
+
+
+def wait_steps(run: Path, more_than: int, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        step = status(run)["step"]
+        if step > more_than:
+            return step
+        time.sleep(0.1)
+    raise AssertionError(f"{run} did not train past step {more_than}")
+
+
+@pytest.mark.slow
+def test_set_changes_a_detached_run_and_refuses_bad_values(corpus: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    r = run_cli("train", "--data", str(corpus), *LONG_RUN, "--lr", "1e-3", "--out", str(run), "--detach",
+                env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert f"set:    gpt-tui set {run}" in r.stdout
+    try:
+        wait_steps(run, 0)
+        r = run_cli("set", str(run), "lr=3e-4", "eval-every=50")
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert len(lines) == 2 and lines[0].startswith("step ") and lines[0].endswith(": lr 1e-3 -> 3e-4"), lines
+        assert lines[1].endswith(": eval-every 0 -> 50"), lines
+        at = int(lines[0].split()[1].rstrip(":"))
+
+        r = run_cli("set", str(run), "lr=x0.5", "sample_every=epoch", "target-val-loss=0.5")
+        assert r.returncode == 0, r.stderr
+        assert [ln.split(": ", 1)[1] for ln in r.stdout.splitlines()] == [
+            "lr 3e-4 -> 1.5e-4", "sample-every 0 -> epoch", "target-val-loss off -> 0.5"]
+
+        # refused: one line on stderr, a non-zero status, nothing sent, and the run goes on
+        before = len(changes_in(run))
+        for args, said in (
+            (["lr=-1"], "lr must be above 0, got -1"),
+            (["lr=0"], "lr must be above 0, got 0"),
+            (["eval-every=1e-3"], "eval-every must be a whole number, got '1e-3'"),
+            (["lr=1e-3", "batch-size=4"], "cannot change batch-size live: it cannot change while the run trains"),
+            (["colour=blue"], "cannot change colour live: there is no such setting"),
+            (["lr"], "expected NAME=VALUE, got 'lr'"),
+        ):
+            r = run_cli("set", str(run), *args)
+            assert r.returncode == 2, (args, r.stdout, r.stderr)
+            assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"gpt-tui: error: {said}"), (args, r.stderr)
+            assert "Traceback" not in r.stderr and r.stdout == ""
+        assert len(changes_in(run)) == before  # lr=1e-3 next to the refused batch-size was not sent either
+        step = status(run)["step"]
+        assert status(run)["state"] == "running"
+        wait_steps(run, step)
+
+        recorded = changes_in(run)
+        assert [(c["setting"], c["old"], c["new"], c["source"]) for c in recorded] == [
+            ("lr", 1e-3, 3e-4, "shell"), ("eval_every", 0, 50, "shell"), ("lr", 3e-4, 1.5e-4, "shell"),
+            ("sample_every", "0", "epoch", "shell"), ("target_val_loss", None, 0.5, "shell")]
+        assert recorded[0]["step"] == recorded[1]["step"] == at
+        lrs = by_step(run, field="lr")
+        assert lrs[at + 1] < lrs[at] / 3  # the run trains at the new peak from the next step on
+    finally:
+        said = run_cli("stop", str(run), "--no-save").stdout
+    assert "the run stopped" in said
+
+
+class ChangeAt:
+    """A sink that asks its trainer for live changes when given steps are reported (as the
+    dashboard or ``gpt-tui set`` would), and stops it with a checkpoint after ``stop_at``."""
+
+    def __init__(self, changes: dict[int, list[tuple[str, str]]], checkpoint_at: int | None = None,
+                 stop_at: int | None = None) -> None:
+        self.changes, self.checkpoint_at, self.stop_at = changes, checkpoint_at, stop_at
+        self.trainer: Trainer | None = None
+
+    def emit(self, e) -> None:
+        if e.type != "step":
+            return
+        for setting, value in self.changes.get(e.step, []):
+            self.trainer.change(setting, value, source="test")
+        if e.step == self.checkpoint_at:
+            self.trainer.request_checkpoint()
+        if e.step == self.stop_at:
+            self.trainer.stop(save=False)
+
+
+def test_resume_after_live_changes_is_bit_identical(corpus: Path, tmp_path: Path) -> None:
+    kw = dict(max_steps=40, eval_every=10, batch_size=8, dropout=0.1, lr=2e-3)
+    plan = {6: [("lr", "x0.5")], 11: [("eval-every", "4")], 24: [("lr", "3e-3")]}
+
+    ref_run = tmp_path / "ref"
+    sink = ChangeAt(plan)
+    ref = Trainer(tiny_config(corpus, ref_run, **kw), sink)
+    sink.trainer = ref
+    ref.setup()
+    assert ref.fit() == "finished"
+    ref_loss, ref_lr = by_step(ref_run), by_step(ref_run, field="lr")
+    ref_val = by_step(ref_run, "eval", "val_loss")
+    assert [(c.step, c.setting, c.new) for c in ref.changes] == [(6, "lr", 1e-3), (11, "eval_every", 4), (24, "lr", 3e-3)]
+    assert 12 in ref_val and 16 in ref_val  # evals every 4 after step 11
+
+    # The same run, checkpointed at step 17 (after two changes), trained on past the third change, then
+    # stopped without a checkpoint: the third change is only in metrics.jsonl.
+    run = tmp_path / "run"
+    sink = ChangeAt(plan, checkpoint_at=17, stop_at=30)
+    first = Trainer(tiny_config(corpus, run, **kw), sink)
+    sink.trainer = first
+    first.setup()
+    assert first.fit() == "stopped" and first.step == 30
+    saved = ck.load_checkpoint(str(run))
+    assert saved.step == 17
+    assert [(c["step"], c["setting"], c["old"], c["new"], c["source"]) for c in saved.changes] == [
+        (6, "lr", 2e-3, 1e-3, "test"), (11, "eval_every", 10, 4, "test")]
+    assert saved.train_config["lr"] == 1e-3 and saved.train_config["eval_every"] == 4
+
+    # Resumed with no one asking for anything: the third change comes back from metrics.jsonl.
+    # (as `gpt-tui train --resume RUN` with no other flag: every setting from the checkpoint)
+    second = Trainer(tiny_config(corpus, run, resume=saved.path, **kw), explicit=frozenset({"resume"}))
+    second.setup()
+    assert second.config_changes == [] and second.cfg.lr == 1e-3 and second.cfg.eval_every == 4
+    assert second.step == 17 and [(c.step, c.setting, c.new) for c in second.replay] == [(24, "lr", 3e-3)]
+    assert second.fit() == "finished"
+    loss, lr, val = by_step(run), by_step(run, field="lr"), by_step(run, "eval", "val_loss")
+    after = range(18, 41)
+    assert [loss[s] for s in after] == [ref_loss[s] for s in after]
+    assert [lr[s] for s in after] == [ref_lr[s] for s in after]
+    assert lr[25] > lr[24] * 2  # the replayed change is in force
+    assert {s: v for s, v in val.items() if s > 17} == {s: v for s, v in ref_val.items() if s > 17}
+
+    recorded = changes_in(run)
+    assert [(c["step"], c["setting"], c["new"], c["source"]) for c in recorded] == [
+        (6, "lr", 1e-3, "test"), (11, "eval_every", 4, "test"), (24, "lr", 3e-3, "test"),
+        (24, "lr", 3e-3, "replay (test)")]
+    final = ck.load_checkpoint(str(run))
+    assert final.step == 40 and [(c["step"], c["setting"], c["new"]) for c in final.changes] == [
+        (6, "lr", 1e-3), (11, "eval_every", 4), (24, "lr", 3e-3)]
+    assert_same_weights(final, ck.load_checkpoint(str(ref_run)))
+
+
+def assert_same_weights(a: ck.Checkpoint, b: ck.Checkpoint) -> None:
+    import torch
+
+    assert a.model.keys() == b.model.keys()
+    assert all(torch.equal(a.model[k], b.model[k]) for k in a.model)
