@@ -243,10 +243,11 @@ class DashboardApp(App[int]):
     def _events(self, snap: Snapshot) -> None:
         """Rare events: a setting changed, a checkpoint written, the run failed."""
         if self._changes_seen is not None and len(snap.changes) > self._changes_seen:
-            c = snap.changes[-1]
-            by = "" if c.source == "dashboard" else f" ({c.source})"
-            self.note = (f"step {c.step:,}: {c.setting.replace('_', '-')} {fmt_value(c.old)} -> "
-                         f"{fmt_value(c.new)}{by}", "cyan")
+            last = snap.changes[-1]
+            same = [c for c in snap.changes[self._changes_seen:] if c.step == last.step]
+            by = "" if last.source == "dashboard" else f" ({last.source})"
+            self.note = (f"step {last.step:,}: " + ", ".join(
+                f"{c.setting.replace('_', '-')} {fmt_value(c.old)} -> {fmt_value(c.new)}" for c in same) + by, "cyan")
         self._changes_seen = len(snap.changes)
         ck = snap.last_checkpoint
         if ck is not None and ck.path != self._last_ckpt:
