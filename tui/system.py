@@ -190,16 +190,19 @@ class NvmlProbe:
         return out
 
 
-def cuda_index(device: str) -> int | None:
-    """The CUDA device index of ``cuda`` / ``cuda:N`` (None for other devices)."""
+def cuda_index(device: str, visible: str | None = None) -> int | None:
+    """NVML's index of the GPU torch calls ``cuda`` / ``cuda:N`` (None for other devices).
+
+    NVML counts every GPU of the machine; torch counts those in ``CUDA_VISIBLE_DEVICES``, so
+    ``cuda:1`` with ``CUDA_VISIBLE_DEVICES=2,3`` is NVML's 3 (UUIDs there: torch's index is kept).
+    """
     if not device.startswith("cuda"):
         return None
     _, _, idx = device.partition(":")
-    if idx.isdigit():
-        return int(idx)
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    first = visible.split(",")[0].strip()
-    return int(first) if first.isdigit() else 0
+    n = int(idx) if idx.isdigit() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "") if visible is None else visible
+    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    return int(ids[n]) if n < len(ids) and ids[n].isdigit() else n
 
 
 class SystemMonitor:
