@@ -3,16 +3,21 @@ run whose settings changed while it trained (the change after the checkpoint rep
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from engine import checkpoint as ck
+from engine.control import ControlClient, ControlError
 from engine.events import read_metrics
 from engine.trainer import Trainer
 from tests.conftest import run_cli, tiny_config
 from tests.test_attach import LONG_RUN, status
+from tests.test_distributed import BIN, TORCHRUN, needs_torchrun
+from tests.test_distributed import TINY as DIST_TINY
 from tests.test_resume import by_step
 
 
@@ -160,3 +165,52 @@ def assert_same_weights(a: ck.Checkpoint, b: ck.Checkpoint) -> None:
 
     assert a.model.keys() == b.model.keys()
     assert all(torch.equal(a.model[k], b.model[k]) for k in a.model)
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_set_reaches_every_rank_of_a_torchrun_job(corpus: Path, tmp_path: Path) -> None:
+    """Rank 0 takes the change and every rank applies it at the same step: the job's losses after it
+    equal those of one process given the same change at the same step (a rank left at the old rate
+    would train its replica differently and the curves would part)."""
+    out = tmp_path / "job"
+    proc = subprocess.Popen(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(BIN / "gpt-tui"), "train", "--headless",
+         "--data", str(corpus), *DIST_TINY, "--batch-size", "2", "--max-steps", "1000000", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        client = ControlClient(str(out), timeout=5)
+        deadline = time.monotonic() + 120
+        while True:  # pause as soon as the channel answers: the job and one process drift apart over many steps
+            assert proc.poll() is None and time.monotonic() < deadline, "the job never served its channel"
+            try:
+                client.call("pause")
+                break
+            except ControlError:
+                time.sleep(0.05)
+        stream = client.subscribe()
+        stream.wait_for(lambda e: e.get("state") == "paused", 60)
+        stream.close()
+        k = status(out)["step"]
+        assert status(out)["paused"] and k < 40, k
+        r = run_cli("set", str(out), "lr=2e-3")
+        assert r.returncode == 0 and r.stdout.strip() == f"step {k}: lr 1e-3 -> 2e-3", (r.stdout, r.stderr)
+        assert run_cli("resume", str(out)).returncode == 0
+        wait_steps(out, k + 6, timeout=120)
+        assert "the run stopped" in run_cli("stop", str(out), "--no-save").stdout
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    job = by_step(out)
+
+    sink = ChangeAt({k: [("lr", "2e-3")]}, stop_at=k + 6)  # the same schedule: as long a run, stopped
+    one = Trainer(tiny_config(corpus, tmp_path / "one", batch_size=4, dropout=0.0, lr=1e-3, min_lr=1e-3,
+                              warmup_steps=0, eval_every=0, max_steps=1_000_000), sink)
+    sink.trainer = one
+    one.setup()
+    one.fit()
+    ref = by_step(tmp_path / "one")
+    for s in range(1, k + 7):
+        assert job[s] == pytest.approx(ref[s], abs=2e-5), (s, job[s], ref[s])
+    assert by_step(out, field="lr")[k + 1] == pytest.approx(2e-3)

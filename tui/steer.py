@@ -53,7 +53,7 @@ class SettingsScreen(ModalScreen[list[LiveChange] | None]):
             for name in LIVE_SETTINGS:
                 with Horizontal(classes="set-row"):
                     yield Label(name.replace("_", "-"), classes="set-name")
-                    yield Input(self.values[name], id=f"set-{name}", classes="set-input", select_on_focus=False)
+                    yield Input(self.values[name], id=f"set-{name}", classes="set-input")
                     yield Label(HINTS.get(name, ""), classes="set-hint")
             yield Static("", id="set-status")
             yield Static("Enter applies · Tab next field · Esc closes", id="set-keys")

@@ -173,21 +173,25 @@ class Chart(PlotextPlot):
         return super().render()
 
     def draw_markers(self, scale: float, x_lo: float, x_hi: float, y_top: float) -> None:
-        """A vertical line at each marker's step inside the x range, its label at the top (labels
-        that would run into the previous one are left out; the line stays)."""
+        """A vertical line at each marker's step inside the x range, its label at the top: right of
+        the line, or left of it near the right edge; a label that would overlap a newer one is left
+        out (the line stays)."""
         if not self.markers or x_hi <= x_lo:
             return
         cols = max(8, self.size.width - 8)
-        free_from = -1.0
-        for step, label in self.markers:
+        taken: list[tuple[float, float]] = []
+        for step, label in reversed(self.markers):  # the newest label wins where they would overlap
             x = float(step) if self.axis == "steps" else tokens_at(self.steps, step) / scale
             if not x_lo <= x <= x_hi:
                 continue
             self.plt.vline(x, color=ANSI["magenta"])
             col = (x - x_lo) / (x_hi - x_lo) * cols
-            if label and col >= free_from and col + len(label) <= cols + 2:
-                self.plt.text(label, x, y_top, color=ANSI["magenta"], alignment="left")
-                free_from = col + len(label) + 1
+            span, align = (col, col + len(label)), "left"
+            if span[1] > cols + 1:
+                span, align = (col - len(label), col), "right"
+            if label and span[0] >= 0 and not any(a - 1 < span[1] and span[0] < b + 1 for a, b in taken):
+                self.plt.text(label, x, y_top, color=ANSI["magenta"], alignment=align)
+                taken.append(span)
 
     def x_label(self, v: float, unit: str) -> str:
         if self.axis == "steps":
