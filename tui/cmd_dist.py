@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
     @friendly_errors
     def set_(
         run_dir: str = RUN_DIR,
-        changes: list[str] = typer.Argument(..., metavar="NAME=VALUE...", show_default=False,
+        changes: list[str] = typer.Argument(..., metavar="NAME=VALUE", show_default=False,
                                             help="Settings to change, e.g. lr=3e-4 (lr=x0.5 scales it), "
                                                  "eval-every=50, target-val-loss=off."),
         wait: float = WAIT,
