@@ -373,6 +373,9 @@ class Trainer(LocalController):
             self._serve_generate(arg)
         elif kind == "change":
             self.apply_change(arg)
+        elif kind == "changes":
+            for change in arg:
+                self.apply_change(change)
 
     def _boundary(self) -> None:
         """Between steps: replayed changes due now, then the commands."""

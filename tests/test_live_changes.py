@@ -38,8 +38,8 @@ def wait_steps(run: Path, more_than: int, timeout: float = 60) -> int:
 @pytest.mark.slow
 def test_set_changes_a_detached_run_and_refuses_bad_values(corpus: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    r = run_cli("train", "--data", str(corpus), *LONG_RUN, "--lr", "1e-3", "--out", str(run), "--detach",
-                env={"OMP_NUM_THREADS": "1"})
+    r = run_cli("train", "--data", str(corpus), *LONG_RUN, "--lr", "1e-3", "--warmup-steps", "0", "--out", str(run),
+                "--detach", env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert f"set:    gpt-tui set {run}" in r.stdout
     try:
@@ -51,10 +51,10 @@ def test_set_changes_a_detached_run_and_refuses_bad_values(corpus: Path, tmp_pat
         assert lines[1].endswith(": eval-every 0 -> 50"), lines
         at = int(lines[0].split()[1].rstrip(":"))
 
-        r = run_cli("set", str(run), "lr=x0.5", "sample_every=epoch", "target-val-loss=0.5")
+        r = run_cli("set", str(run), "lr=x0.5", "sample_every=epoch", "target-val-loss=0.01")  # never reached here
         assert r.returncode == 0, r.stderr
         assert [ln.split(": ", 1)[1] for ln in r.stdout.splitlines()] == [
-            "lr 3e-4 -> 1.5e-4", "sample-every 0 -> epoch", "target-val-loss off -> 0.5"]
+            "lr 3e-4 -> 1.5e-4", "sample-every 0 -> epoch", "target-val-loss off -> 0.01"]
 
         # refused: one line on stderr, a non-zero status, nothing sent, and the run goes on
         before = len(changes_in(run))
@@ -78,10 +78,11 @@ def test_set_changes_a_detached_run_and_refuses_bad_values(corpus: Path, tmp_pat
         recorded = changes_in(run)
         assert [(c["setting"], c["old"], c["new"], c["source"]) for c in recorded] == [
             ("lr", 1e-3, 3e-4, "shell"), ("eval_every", 0, 50, "shell"), ("lr", 3e-4, 1.5e-4, "shell"),
-            ("sample_every", "0", "epoch", "shell"), ("target_val_loss", None, 0.5, "shell")]
+            ("sample_every", "0", "epoch", "shell"), ("target_val_loss", None, 0.01, "shell")]
         assert recorded[0]["step"] == recorded[1]["step"] == at
         lrs = by_step(run, field="lr")
-        assert lrs[at + 1] < lrs[at] / 3  # the run trains at the new peak from the next step on
+        # from the next step on the run trains at the new peak (no warm-up; the decay over 1e6 steps is tiny)
+        assert lrs[at] == pytest.approx(1e-3, rel=1e-4) and lrs[at + 1] == pytest.approx(3e-4, rel=1e-4)
     finally:
         said = run_cli("stop", str(run), "--no-save").stdout
     assert "the run stopped" in said
@@ -214,3 +215,21 @@ def test_set_reaches_every_rank_of_a_torchrun_job(corpus: Path, tmp_path: Path) 
     for s in range(1, k + 7):
         assert job[s] == pytest.approx(ref[s], abs=2e-5), (s, job[s], ref[s])
     assert by_step(out, field="lr")[k + 1] == pytest.approx(2e-3)
+
+
+def test_changes_sent_together_apply_at_one_step_all_or_none(corpus: Path, tmp_path: Path) -> None:
+    from engine.errors import GptTuiError
+
+    t = Trainer(tiny_config(corpus, tmp_path / "run", lr=1e-3, max_steps=4, eval_every=0))
+    t.setup()
+    with pytest.raises(GptTuiError, match="grad-clip must be 0 or more, got -1"):
+        t.change_many([("lr", "x2"), ("grad-clip", "-1")])
+    assert t.queued_changes() == [] and t.commands.take() == []  # the good one was not queued either
+    done = t.change_many([("lr", "x2"), ("lr", "x2"), ("eval-every", "2")], source="test")
+    assert [(c.setting, c.new) for c in done] == [("lr", 2e-3), ("lr", 4e-3), ("eval_every", 2)]  # each on the last
+    assert t.change("lr", "x0.5").new == 2e-3  # queued behind them: checked against them
+    assert t.fit() == "finished"
+    assert [(c["step"], c["setting"], c["old"], c["new"]) for c in changes_in(tmp_path / "run")] == [
+        (0, "lr", 1e-3, 2e-3), (0, "lr", 2e-3, 4e-3), (0, "eval_every", 0, 2), (0, "lr", 4e-3, 2e-3)]
+    assert t.cfg.lr == 2e-3 and t.cfg.eval_every == 2 and t.queued_changes() == []
+    assert sorted(by_step(tmp_path / "run", "eval", "val_loss")) == [2, 4]

@@ -173,25 +173,22 @@ def parse_assignments(items: list[str]) -> list[tuple[str, str]]:
 
 
 def set_live(run_dir: str, items: list[str], wait: float) -> None:
-    """Check every change with the run, then send them and print each as the run applies it.
-
-    Nothing is sent unless the run accepts all of them; a refusal is one line and exit status 2.
-    """
+    """Have the run check every change, then send them as one command (applied at the same step) and
+    print each as the run applies it. A refusal is one line and exit status 2; nothing is sent then."""
     from engine.control import ControlClient, ControlError
     from engine.errors import GptTuiError
 
-    pairs = parse_assignments(items)
+    changes = [{"setting": name, "value": value} for name, value in parse_assignments(items)]
     client = ControlClient(run_dir)
-    for name, value in pairs:
-        try:
-            client.call("set", setting=name, value=value, check=True)
-        except ControlError as e:
-            if not e.problem.startswith("the run refused set: "):
-                raise
-            raise GptTuiError(e.problem.removeprefix("the run refused set: "), e.fix) from None
+    try:
+        client.call("set", changes=changes, check=True)
+    except ControlError as e:
+        if not e.problem.startswith("the run refused set: "):
+            raise
+        raise GptTuiError(e.problem.removeprefix("the run refused set: "), e.fix) from None
     stream = client.subscribe() if wait > 0 else None
     try:
-        sent = [client.call("set", setting=name, value=value, source="shell") for name, value in pairs]
+        sent = client.call("set", changes=changes, source="shell")["changes"]
         if stream is None:
             for r in sent:
                 print(f"{_flag(r['setting'])} -> {fmt_value(r['new'])} requested: it applies at the next step")

@@ -85,7 +85,7 @@ class SettingsScreen(ModalScreen[list[LiveChange] | None]):
         try:
             for name, text in edited:  # all checked before any is sent
                 parse_live_change(self.cfg, name, text)
-            done = [self.controller.change(name, text, source="dashboard") for name, text in edited]
+            done = self.controller.change_many(edited, source="dashboard")  # applied at the same step
         except GptTuiError as e:
             self.say(str(e), "bold red")
             return
