@@ -4,7 +4,8 @@ Trains the same configs with ``gpt-tui train --headless`` and with the dashboard
 80x24 terminal (tmux), alternating the two, and prints tokens/sec of each and their ratio
 (target: at least 0.95 on a small CPU box, 0.99 on a GPU). Throughput is taken from the
 step events' wall-clock times in ``metrics.jsonl`` after a warm-up, so any stall the UI
-causes between steps counts. The ratio is the median of each round's dashboard/headless
+causes between steps counts. The dashboard runs with its system pane shown (m), which samples
+the process, the machine and the GPU twice a second; ``--no-system-pane`` leaves it hidden. The ratio is the median of each round's dashboard/headless
 pair, so a change in the machine's load between rounds cancels out.
 
 Both modes run at the same ``--threads``: by default the count the dashboard picks on its
@@ -14,6 +15,7 @@ alone; ``--threads 0`` leaves each mode to its own default instead.
     python benchmarks/bench_dashboard.py                       # tiny and small, 3 rounds
     python benchmarks/bench_dashboard.py --presets tiny --tiny-steps 100 --rounds 1   # a quick look
     python benchmarks/bench_dashboard.py --dash-threads 1,2 --headless-threads 1   # thread counts too
+    python benchmarks/bench_dashboard.py --no-system-pane      # without the system pane (m) shown
 """
 
 from __future__ import annotations
@@ -69,15 +71,36 @@ def run_headless(args: list[str], run: Path, env: dict[str, str]) -> float:
     return throughput(run)
 
 
-def run_dashboard(args: list[str], run: Path, env: dict[str, str], timeout: float) -> float:
-    """The same run under the dashboard in an 80x24 tmux terminal; q once it has finished."""
+def screen(tmux: list[str]) -> str:
+    return subprocess.run([*tmux, "capture-pane", "-t", "bench", "-p"], capture_output=True, text=True).stdout
+
+
+def show_system_pane(tmux: list[str], run: Path, timeout: float = 60) -> None:
+    """Press m once the dashboard is up, so the system pane samples (and costs) through the run."""
+    deadline = time.monotonic() + timeout
+    while "─ stats " not in screen(tmux):
+        if time.monotonic() > deadline or finished(run):
+            raise RuntimeError("the dashboard never came up")
+        time.sleep(0.2)
+    subprocess.run([*tmux, "send-keys", "-t", "bench", "m"], check=False)
+    while "─ system " not in screen(tmux):
+        if time.monotonic() > deadline:
+            raise RuntimeError("m did not show the system pane")
+        time.sleep(0.2)
+
+
+def run_dashboard(args: list[str], run: Path, env: dict[str, str], timeout: float, system: bool = True) -> float:
+    """The same run under the dashboard in an 80x24 tmux terminal (``system``: with the system pane
+    shown, as m shows it); q once it has finished."""
     sock = f"bench-dash-{os.getpid()}"
     tmux = ["tmux", "-L", sock]
-    envs = " ".join(f"{k}={v}" for k, v in env.items() if k in ("GPT_TUI_CACHE", "OMP_NUM_THREADS"))
+    envs = " ".join(f"{k}={v}" for k, v in env.items() if k in ("GPT_TUI_CACHE", "OMP_NUM_THREADS", "PYTHONPATH"))
     cmd = f"env -u COLUMNS -u LINES TERM=xterm-256color {envs} {GPT_TUI} train {' '.join(args)} --out {run}"
     subprocess.run([*tmux, "-f", "/dev/null", "new-session", "-d", "-s", "bench", "-x", "80", "-y", "24", cmd],
                    check=True)
     try:
+        if system:
+            show_system_pane(tmux, run)
         deadline = time.monotonic() + timeout
         while not finished(run):
             if time.monotonic() > deadline:
@@ -106,6 +129,8 @@ def main() -> None:
     p.add_argument("--dash-threads", default="", help="also run the dashboard at these torch thread counts, e.g. 1,2")
     p.add_argument("--headless-threads", default="", help="also run headless at these torch thread counts")
     p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--system-pane", action=argparse.BooleanOptionalAction, default=True,
+                   help="show the dashboard's system pane (m) through each run (default: on; it samples at 2 Hz)")
     a = p.parse_args()
     if shutil.which("tmux") is None:
         sys.exit("bench_dashboard: tmux is needed to drive the dashboard in a real terminal (apt-get install tmux)")
@@ -118,7 +143,8 @@ def main() -> None:
 
         a.threads = default_threads(with_ui=True)
     print(f"cpu cores: {os.cpu_count()}, load average: {os.getloadavg()[0]:.2f}, "
-          f"threads: {a.threads or 'each mode its default'}, work dir {work}")
+          f"threads: {a.threads or 'each mode its default'}, system pane {'on' if a.system_pane else 'off'}, "
+          f"work dir {work}")
     rows = []
     for preset in a.presets.split(","):
         steps = a.tiny_steps if preset in ("tiny", "bigram") else a.small_steps
@@ -142,7 +168,7 @@ def main() -> None:
                 if name.startswith("headless"):
                     tps = run_headless(args + extra, run, env)
                 else:
-                    tps = run_dashboard(args + extra, run, env, a.timeout)
+                    tps = run_dashboard(args + extra, run, env, a.timeout, a.system_pane)
                 results[name].append(tps)
                 print(f"  {preset:<6} round {r + 1}: {name:<24} {tps:>10,.0f} tok/s", flush=True)
             for name in results:

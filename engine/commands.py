@@ -82,6 +82,10 @@ class RunController(Protocol):
         :data:`engine.config.LIVE_SETTINGS`); raises GptTuiError for a refused value."""
         ...
 
+    def change_many(self, items: list[tuple[str, str]], source: str = "dashboard") -> list[LiveChange]:
+        """Several changes, applied together at the same step boundary; none if one is refused."""
+        ...
+
     def stop(self, save: bool = True) -> None:
         """Stop at the next step boundary (saving a checkpoint first when ``save``)."""
         ...
@@ -231,11 +235,41 @@ class LocalController:
         self.commands.cancel_generation()
 
     def change(self, setting: str, value: str, source: str = "dashboard") -> LiveChange:
+        """Queue a live change, checked against the settings as they will be once the changes
+        queued before it have applied (so ``lr x2`` pressed twice within one step is x4)."""
+        return self.change_many([(setting, value)], source)[0]
+
+    def change_many(self, items: list[tuple[str, str]], source: str = "dashboard") -> list[LiveChange]:
+        """Queue several changes as one command: all are checked first (none is queued if one is
+        refused) and the engine applies them together at the same step boundary."""
+        changes = self.check_changes(items, source)
+        self.queued_changes().extend(changes)
+        self.commands.put("changes", changes)
+        return changes
+
+    def check_changes(self, items: list[tuple[str, str]], source: str = "dashboard") -> list[LiveChange]:
+        """The changes ``items`` ((setting, value) pairs) would make, each checked against the settings
+        with the queued changes and the ones before it applied; GptTuiError names a refused one.
+        Nothing is queued."""
+        import dataclasses
+
         from .config import LiveChange, parse_live_change
 
-        change = LiveChange(setting.strip().replace("-", "_"), parse_live_change(self.cfg, setting, value), source=source)
-        self.commands.put("change", change)
-        return change
+        queued = {c.setting: c.new for c in list(self.queued_changes())}
+        cfg = dataclasses.replace(self.cfg, **queued)
+        out = []
+        for setting, value in items:
+            new = parse_live_change(cfg, setting, value)
+            change = LiveChange(setting.strip().replace("-", "_"), new, source=source)
+            cfg = dataclasses.replace(cfg, **{change.setting: new})
+            out.append(change)
+        return out
+
+    def queued_changes(self) -> list[LiveChange]:
+        """Changes asked for and not yet applied (the engine removes each as it applies it)."""
+        if "_queued_changes" not in self.__dict__:
+            self._queued_changes: list[LiveChange] = []
+        return self._queued_changes
 
     def stop(self, save: bool = True) -> None:
         self.commands.stop(save)

@@ -12,7 +12,8 @@ is one object ``{"ok": true, ...}`` or ``{"ok": false, "error": MESSAGE}``. Comm
 ``status``, ``pause``, ``resume``, ``toggle_pause``, ``checkpoint``, ``eval``,
 ``generate`` (``prompt``, ``settings``: SampleSettings fields, ``raw``; replies with the ``id``
 of the GenerateEvents), ``cancel_generation``, ``set`` (``setting``, ``value``, ``source``: a live
-change, refused with a reason), ``stop`` (``save``), and ``subscribe``: after its reply the
+change, refused with a reason; ``changes``: a list of ``{setting, value}`` applied at the same step,
+all or none; with ``check``: only checked, nothing queued), ``stop`` (``save``), and ``subscribe``: after its reply the
 connection streams every event the engine emits, one ``{"event": RECORD}`` per line (the records
 of ``metrics.jsonl``, plus streamed generations). Several connections may subscribe.
 
@@ -315,13 +316,30 @@ class ControlServer:
             elif cmd == "cancel_generation":
                 t.cancel_generation()
             elif cmd == "set":
-                change = t.change(str(req.get("setting", "")), str(req.get("value", "")), str(req.get("source", "shell")))
-                return {"ok": True, "setting": change.setting, "new": change.new}
+                return self._set(req)
             elif cmd == "stop":
                 t.stop(save=bool(req.get("save", True)))
             else:
                 raise ValueError(f"unknown command {cmd!r}")
             return self.status()
+
+
+    def _set(self, req: dict[str, Any]) -> dict[str, Any]:
+        """``set``: one change (``setting``, ``value``) or several applied at the same step (``changes``:
+        a list of them); with ``check``, only checked. The reply lists each change's ``setting`` and ``new``
+        (and names the first's at the top level)."""
+        many = req.get("changes")
+        if many is not None and not (isinstance(many, list) and all(isinstance(c, dict) for c in many)):
+            raise ValueError("changes must be a list of {setting, value} objects")
+        items = [(str(c.get("setting", "")), str(c.get("value", ""))) for c in many] if many is not None else [
+            (str(req.get("setting", "")), str(req.get("value", "")))]
+        if not items:
+            raise ValueError("set needs a setting and a value")
+        source = str(req.get("source", "shell"))
+        t = self.trainer
+        done = t.check_changes(items, source) if req.get("check") else t.change_many(items, source)
+        out = [{"setting": c.setting, "new": c.new} for c in done]
+        return {"ok": True, **out[0], "changes": out}
 
 
 def settings_to_dict(s: SampleSettings | None) -> dict[str, Any]:
@@ -513,6 +531,8 @@ class RemoteController:
         self.client = ControlClient(self.run_dir)
         self.connected = False
         self.template: str | None = None
+        self.pid: int | None = None
+        """The training process (its CPU and memory are what the system pane shows)."""
         self._paused = False
         self._stream: EventStream | None = None
         self._thread: threading.Thread | None = None
@@ -522,6 +542,7 @@ class RemoteController:
         self._stream = self.client.subscribe()  # first, so no event falls between history and live
         self._paused = bool(self._stream.status.get("paused"))
         self.template = self._stream.status.get("template")
+        self.pid = self._stream.status.get("pid")
         seen = load_history(self.run_dir, self.recorder)
         self.connected = True
         self._thread = threading.Thread(target=self._follow, args=(self._stream, seen), name="gpt-tui-attach",
@@ -579,13 +600,16 @@ class RemoteController:
         self.client.call("cancel_generation")
 
     def change(self, setting: str, value: str, source: str = "dashboard") -> LiveChange:
+        return self.change_many([(setting, value)], source)[0]
+
+    def change_many(self, items: list[tuple[str, str]], source: str = "dashboard") -> list[LiveChange]:
         from .config import LiveChange
 
         try:
-            reply = self.client.call("set", setting=setting, value=value, source=source)
+            reply = self.client.call("set", changes=[{"setting": s, "value": v} for s, v in items], source=source)
         except ControlError as e:  # the run's own reason, without the channel's wrapping
             raise GptTuiError(e.problem.split(": ", 1)[-1], e.fix) from None
-        return LiveChange(reply["setting"], reply["new"], source=source)
+        return [LiveChange(c["setting"], c["new"], source=source) for c in reply["changes"]]
 
     def stop(self, save: bool = True) -> None:
         self.client.call("stop", save=save)
@@ -607,7 +631,7 @@ class ReadOnlyController:
                            f"continue it with gpt-tui train --resume {self.run_dir}")
 
     pause = resume = toggle_pause = request_checkpoint = request_eval = request_generate = _refuse
-    cancel_generation = change = stop = _refuse
+    cancel_generation = change = change_many = stop = _refuse
 
     def close(self) -> None:
         pass

@@ -337,7 +337,11 @@ class Trainer(LocalController):
 
     def apply_change(self, change: LiveChange) -> None:
         """Carry out a live change at this step boundary (recorded, saved with checkpoints)."""
-        change.old, change.step = getattr(self.cfg, change.setting), self.step
+        with contextlib.suppress(ValueError):
+            self.queued_changes().remove(change)
+        # lr unset means the preset's: the old value recorded is the one trained with
+        change.old = self.cfg.peak_lr() if change.setting == "lr" else getattr(self.cfg, change.setting)
+        change.step = self.step
         setattr(self.cfg, change.setting, change.new)
         self.changes.append(change)
         self.emit(ChangeEvent(step=self.step, setting=change.setting, old=change.old, new=change.new,
@@ -369,6 +373,9 @@ class Trainer(LocalController):
             self._serve_generate(arg)
         elif kind == "change":
             self.apply_change(arg)
+        elif kind == "changes":
+            for change in arg:
+                self.apply_change(change)
 
     def _boundary(self) -> None:
         """Between steps: replayed changes due now, then the commands."""

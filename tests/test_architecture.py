@@ -27,8 +27,8 @@ ENGINE_LAYERS = [
 
 # tui/: cli -> cmd_* -> launch -> {app, headless} -> widgets -> format (the sampling screens beside them).
 TUI_LAYERS = [
-    ["format", "keys", "common", "entry"],
-    ["widgets", "headless", "sample_panel", "sample_views", "system"],
+    ["format", "keys", "common", "entry", "forecast", "live"],
+    ["widgets", "headless", "sample_panel", "sample_views", "system", "steer"],
     ["app", "compare", "web"],
     ["launch", "detach"],
     ["cmd_train", "cmd_gpt2", "cmd_sample", "cmd_speed", "cmd_dist", "cmd_prepare", "cmd_runs", "cmd_logs",

@@ -13,17 +13,24 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from textual.app import App, ComposeResult
+from textual.app import App, ComposeResult, SystemCommand
 from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.timer import Timer
 from textual.widgets import Footer
 
 from engine.commands import RunController
+from engine.errors import GptTuiError
 from engine.recorder import Recorder, Snapshot
 
-from .format import short_path
+from .format import fmt_value, short_path
 from .keys import bindings, commanding_actions
+from .live import WINDOW_SHARE, in_window, markers, window_start
+from .steer import ChangesScreen, SettingsScreen, describe
+from .system import SAMPLE_INTERVAL, SystemMonitor, SystemPane, system_rows
 from .widgets import (
     DONE_STATES,
     HelpScreen,
@@ -51,7 +58,10 @@ class DashboardApp(App[int]):
 
     CSS_PATH = "dashboard.tcss"
     TITLE = "gpt-tui"
-    ENABLE_COMMAND_PALETTE = False
+    ENABLE_COMMAND_PALETTE = True
+    """Ctrl+P only (Textual's Theme and Keys commands, our screenshot and the run's actions)."""
+    SYSTEM_PANE_HEIGHT = 40
+    """The system pane shows by itself in terminals at least this tall (m shows or hides it anywhere)."""
     POLL_INTERVAL = 0.5
     """Seconds between looks at the recorder (nothing is redrawn when its version is unchanged)."""
     CHART_INTERVAL = 1.0
@@ -86,6 +96,17 @@ class DashboardApp(App[int]):
         self._last_ckpt: str | None = None
         self._failed_shown = False
         self._signals: list[int] = []
+        self.window = False
+        """w: the charts show only the recent window (see tui.live.window_start)."""
+        self.bpb = False
+        """b: val loss in bits per byte."""
+        self.system_choice: bool | None = None
+        """m: the system pane shown or hidden by the user (None: shown when the terminal is tall enough)."""
+        pid = os.getpid() if owns_engine else getattr(controller, "pid", None)
+        self.monitor = SystemMonitor(pid if not read_only else None)
+        self._changes_seen: int | None = None
+        self._system_timer: Timer | None = None
+        self._system_pane: SystemPane | None = None
 
     # ------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:
@@ -94,15 +115,22 @@ class DashboardApp(App[int]):
             with Vertical(id="charts"):
                 yield LossChart("loss", id="loss-chart")
                 yield LRChart("learning rate", id="lr-chart")
-            stats = StatsPane(id="stats")
-            stats.border_title = "stats"
-            yield stats
+            with Vertical(id="side"):
+                stats = StatsPane(id="stats")
+                stats.border_title = "stats"
+                yield stats
+                system = SystemPane(id="system")
+                system.border_title = "system"
+                yield system
         yield SamplesPane(id="samples")
         yield Footer()
 
     def on_mount(self) -> None:
         if self.console.color_system in ("standard", "windows"):
             self.theme = "ansi-dark"  # 16 colours: the terminal's own palette
+        self._system_pane = self.query_one(SystemPane)
+        self._system_timer = self.set_interval(SAMPLE_INTERVAL, self.sample_system, pause=True)
+        self._show_system()
         self.poll()
         self.set_interval(self.POLL_INTERVAL, self.poll)
         if self.handle_signals:
@@ -134,6 +162,9 @@ class DashboardApp(App[int]):
     # ------------------------------------------------------------ polling
     def poll(self) -> None:
         """Pull a snapshot when the recorder changed and redraw what changed."""
+        pane = self._system_pane
+        if self.system_choice is None and pane is not None and pane.display != self.system_shown():
+            self._show_system()  # the terminal was resized across SYSTEM_PANE_HEIGHT
         version = getattr(self.recorder, "version", None)
         ended = self.engine is not None and self.engine.ident is not None and not self.engine.is_alive()
         if version is not None and version == self._version and not self.quitting and not ended:
@@ -142,7 +173,7 @@ class DashboardApp(App[int]):
         self._version = snap.version
         self.snap = snap
         self.clock.update(snap)
-        self.query_one(StatsPane).show(stats_rows(snap, self.clock))
+        self.query_one(StatsPane).show(stats_rows(snap, self.clock, bpb=self.bpb))
         self._update_charts(snap)
         self._update_samples(snap)
         self._events(snap)
@@ -160,14 +191,25 @@ class DashboardApp(App[int]):
 
     def _update_charts(self, snap: Snapshot, force: bool = False) -> None:
         steps, evals = snap.steps, snap.evals
-        sig = (len(steps), steps[-1] if steps else None, len(evals), self.axis)
+        sig = (len(steps), steps[-1] if steps else None, len(evals), self.axis, len(snap.changes), self.window,
+               self.bpb)
         now = time.monotonic()
         if sig == self._chart_sig or (not force and now - self._chart_time < self.CHART_INTERVAL
                                       and snap.state == "running"):
             return
         self._chart_sig, self._chart_time = sig, now
-        self.query_one(LossChart).set_data(steps, evals, self.axis)
-        self.query_one(LRChart).set_data(steps, [], self.axis)
+        loss_marks, lr_marks = markers(snap), markers(snap, lr_chart=True)
+        note = ""
+        if self.window:
+            first = window_start(steps)
+            steps, evals, loss_marks = in_window(steps, evals, loss_marks, first)
+            lr_marks = [m for m in lr_marks if m[0] >= first]
+            note = f" · last {WINDOW_SHARE:.0%}" if first else ""
+        loss, lr = self.query_one(LossChart), self.query_one(LRChart)
+        loss.bpb = self.bpb
+        loss.title_note = lr.title_note = note
+        loss.set_data(steps, evals, self.axis, loss_marks)
+        lr.set_data(steps, [], self.axis, lr_marks)
 
     def _update_samples(self, snap: Snapshot) -> None:
         pane = self.query_one(SamplesPane)
@@ -199,7 +241,14 @@ class DashboardApp(App[int]):
                 pane.put(("gen", rid), generation_text(rid, step, prompt or gen.prompt, gen.text, gen.done))
 
     def _events(self, snap: Snapshot) -> None:
-        """Rare events: a checkpoint written, the run failed."""
+        """Rare events: a setting changed, a checkpoint written, the run failed."""
+        if self._changes_seen is not None and len(snap.changes) > self._changes_seen:
+            last = snap.changes[-1]
+            same = [c for c in snap.changes[self._changes_seen:] if c.step == last.step]
+            by = "" if last.source == "dashboard" else f" ({last.source})"
+            self.note = (f"step {last.step:,}: " + ", ".join(
+                f"{c.setting.replace('_', '-')} {fmt_value(c.old)} -> {fmt_value(c.new)}" for c in same) + by, "cyan")
+        self._changes_seen = len(snap.changes)
         ck = snap.last_checkpoint
         if ck is not None and ck.path != self._last_ckpt:
             first = self._last_ckpt is None and ck.reason != "requested"
@@ -314,6 +363,117 @@ class DashboardApp(App[int]):
         from .sample_panel import LiveBackend, SamplePanel
 
         self.push_screen(SamplePanel(LiveBackend(self.controller, self.recorder), title="generate from the live weights"))
+
+    # ------------------------------------------------------------ steering
+    def change(self, setting: str, value: str) -> None:
+        """Send one live change; the status line says what will happen, or why it was refused."""
+        try:
+            c = self.controller.change(setting, value, source="dashboard")
+        except GptTuiError as e:
+            self.note = (str(e), "bold red")
+        else:
+            self.note = (f"{describe([c])} at the next step", "cyan")
+        self.refresh_now()
+
+    def action_lr_scale(self, factor: float) -> None:
+        """+ and -: the peak learning rate x2 or x0.5 (the schedule continues from it)."""
+        if self._command("change the learning rate", while_running_only=True):
+            self.change("lr", f"x{factor:g}")
+
+    def action_settings(self) -> None:
+        """s: a form to type each live setting's value."""
+        if not self._command("change settings", while_running_only=True) or isinstance(self.screen, SettingsScreen):
+            return
+
+        def done(changes: list[Any] | None) -> None:
+            if changes:
+                self.note = (f"{describe(changes)} at the next step", "cyan")
+                self.refresh_now()
+
+        self.push_screen(SettingsScreen(self.controller, self.recorder.snapshot()), done)
+
+    def action_history(self) -> None:
+        """h: every live change (step, setting, old -> new, source)."""
+        if not isinstance(self.screen, ChangesScreen):
+            self.push_screen(ChangesScreen(self.recorder.snapshot()))
+
+    def action_toggle_window(self) -> None:
+        self.window = not self.window
+        if self.snap is not None:
+            self._update_charts(self.snap, force=True)
+
+    def action_toggle_bpb(self) -> None:
+        snap = self.snap or self.recorder.snapshot()
+        if not self.bpb and not any(e.val_bpb for e in snap.evals):
+            self.notify("no bits per byte yet: they come with the first eval (e evaluates now)", severity="warning")
+            return
+        self.bpb = not self.bpb
+        self.refresh_now()
+        self._update_charts(snap, force=True)
+
+    # ------------------------------------------------------------ system pane
+    def system_shown(self) -> bool:
+        if self.system_choice is not None:
+            return self.system_choice
+        return self.size.height >= self.SYSTEM_PANE_HEIGHT
+
+    def _show_system(self) -> None:
+        shown = self.system_shown()
+        pane, timer = self._system_pane, self._system_timer
+        if pane is None or timer is None:
+            return
+        if pane.display != shown:
+            pane.display = shown
+        if shown:
+            self.sample_system()
+            timer.resume()
+        else:
+            timer.pause()
+
+    def action_system(self) -> None:
+        """m: show or hide the system pane."""
+        self.system_choice = not self.system_shown()
+        self._show_system()
+
+    def sample_system(self) -> None:
+        """Sample the process, the machine and the GPU (UI thread, twice a second while shown)."""
+        snap = self.snap
+        device = snap.start.device if snap is not None and snap.start is not None else ""
+        self.monitor.set_device(device)
+        live = not self.read_only and not (snap is not None and snap.state in DONE_STATES and not self.owns_engine)
+        sample = self.monitor.sample()
+        if self._system_pane is not None:
+            self._system_pane.show(system_rows(sample, snap.last_step if snap else None, device, live))
+
+    # ------------------------------------------------------------ screenshot and palette
+    def action_screenshot(self, filename: str | None = None, path: str | None = None) -> None:
+        """ctrl+s: an SVG of the screen into the run directory; the status line says where."""
+        snap = self.recorder.snapshot()
+        run_dir = path or (snap.start.run_dir if snap.start is not None else self.run_dir) or "."
+        step = snap.step
+        name = filename or f"screenshot-step{step:06d}-{time.strftime('%Y%m%d-%H%M%S')}.svg"
+        try:
+            saved = self.save_screenshot(name, run_dir)
+        except OSError as e:
+            self.note = (f"screenshot not saved: {e.strerror or e}", "bold red")
+        else:
+            self.note = (f"screenshot {self.rel_to_run(saved)}", "cyan")
+        self.refresh_now()
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The palette: Textual's commands (its screenshot replaced by ours) and the dashboard's keys."""
+        for cmd in super().get_system_commands(screen):
+            if cmd.title != "Screenshot":
+                yield cmd
+        yield SystemCommand("Screenshot", "Save an SVG of the dashboard into the run directory (ctrl+s)",
+                            lambda: self.set_timer(0.1, self.action_screenshot))
+        yield SystemCommand("Changes", "The history of live changes (h)", self.action_history)
+        yield SystemCommand("System pane", "Show or hide CPU, memory, GPU and data wait (m)", self.action_system)
+        yield SystemCommand("Window", "Charts: the whole run or the recent window (w)", self.action_toggle_window)
+        yield SystemCommand("Bits per byte", "Val loss in nats per token or bits per byte (b)", self.action_toggle_bpb)
+        if not self.read_only:
+            yield SystemCommand("Settings", "Change the learning rate, eval interval, target ... live (s)",
+                                self.action_settings)
 
     def action_toggle_axis(self) -> None:
         self.axis = "tokens" if self.axis == "steps" else "steps"

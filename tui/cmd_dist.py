@@ -1,4 +1,4 @@
-"""Commands for runs in other processes: attach, status, pause, resume, checkpoint, eval, stop."""
+"""Commands for runs in other processes: attach, status, pause, resume, checkpoint, eval, set, stop."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 import typer
 
 from .common import friendly_errors
+from .format import fmt_value
 
 RUN_DIR = typer.Argument(..., help="The run directory (the --out of `gpt-tui train`).", show_default=False)
 WAIT = typer.Option(30.0, "--wait", help="Seconds to wait for the run to act on it (0: do not wait).")
@@ -83,6 +84,18 @@ def register(app: typer.Typer) -> None:
                  lambda r: f"eval step {r['step']}: train loss {r['train_loss']:.4f} | val loss {r['val_loss']:.4f}",
                  "eval requested")
 
+    @app.command(name="set")
+    @friendly_errors
+    def set_(
+        run_dir: str = RUN_DIR,
+        changes: list[str] = typer.Argument(..., metavar="NAME=VALUE", show_default=False,
+                                            help="Settings to change, e.g. lr=3e-4 (lr=x0.5 scales it), "
+                                                 "eval-every=50, target-val-loss=off."),
+        wait: float = WAIT,
+    ) -> None:
+        """Change settings of a running run at its next step (lr, eval-every, sample-every, grad-clip, ...)."""
+        set_live(run_dir, changes, wait)
+
     @app.command()
     @friendly_errors
     def stop(
@@ -143,3 +156,72 @@ def _outcome(rec: dict[str, Any] | None, wanted: str, pending: str) -> str:
     if state != wanted and state in _ENDED:
         return f"the run {state} at step {rec.get('step')}" + (f" ({msg})" if msg else "")
     return f"{state} at step {rec.get('step')}" + (f" ({msg})" if msg else "")
+
+
+def parse_assignments(items: list[str]) -> list[tuple[str, str]]:
+    """``NAME=VALUE`` arguments as (setting, value); ``eval-every`` and ``eval_every`` are the same."""
+    from engine.errors import GptTuiError
+
+    out = []
+    for item in items:
+        name, eq, value = item.partition("=")
+        name = name.strip().lstrip("-").replace("-", "_")
+        if not eq or not name:
+            raise GptTuiError(f"expected NAME=VALUE, got {item!r}", "e.g. gpt-tui set RUN lr=3e-4 eval-every=50")
+        out.append((name, value.strip()))
+    return out
+
+
+def set_live(run_dir: str, items: list[str], wait: float) -> None:
+    """Have the run check every change, then send them as one command (applied at the same step) and
+    print each as the run applies it. A refusal is one line and exit status 2; nothing is sent then."""
+    from engine.control import ControlClient, ControlError
+    from engine.errors import GptTuiError
+
+    changes = [{"setting": name, "value": value} for name, value in parse_assignments(items)]
+    client = ControlClient(run_dir)
+    try:
+        client.call("set", changes=changes, check=True)
+    except ControlError as e:
+        if not e.problem.startswith("the run refused set: "):
+            raise
+        raise GptTuiError(e.problem.removeprefix("the run refused set: "), e.fix) from None
+    stream = client.subscribe() if wait > 0 else None
+    try:
+        sent = client.call("set", changes=changes, source="shell")["changes"]
+        if stream is None:
+            for r in sent:
+                print(f"{_flag(r['setting'])} -> {fmt_value(r['new'])} requested: it applies at the next step")
+            return
+        _print_applied(stream, sent, wait)
+    finally:
+        if stream is not None:
+            stream.close()
+
+
+def _print_applied(stream: Any, sent: list[dict[str, Any]], wait: float) -> None:
+    """Wait for the change events of ``sent`` (in order) and print ``step N: lr 1e-3 -> 3e-4`` for each."""
+    from engine.errors import GptTuiError
+
+    left = list(sent)
+
+    def done(rec: dict[str, Any]) -> bool:
+        return _ended(rec) or (rec.get("type") == "change" and rec.get("source") == "shell"
+                               and rec.get("setting") == left[0]["setting"])
+
+    while left:
+        rec = stream.wait_for(done, wait)
+        if rec is None:
+            print(f"{_flag(left[0]['setting'])} -> {fmt_value(left[0]['new'])} requested: "
+                  "it applies at the end of the current step")
+            left.pop(0)
+            continue
+        if rec.get("type") != "change":
+            raise GptTuiError(_outcome(rec, "", "") + " before the change applied", exit_code=1)
+        print(f"step {rec['step']}: {_flag(rec['setting'])} {fmt_value(rec['old'])} -> {fmt_value(rec['new'])}")
+        left.pop(0)
+
+
+def _flag(setting: str) -> str:
+    return setting.replace("_", "-")
+

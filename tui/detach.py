@@ -66,6 +66,7 @@ def detach_run(argv: list[str], cfg: Any = None) -> None:
           f"  log:    {log_path}\n"
           f"  attach: gpt-tui attach {run_dir}\n"
           f"  pause:  gpt-tui pause {run_dir}   (resume: gpt-tui resume {run_dir})\n"
+          f"  set:    gpt-tui set {run_dir} lr=3e-4   (any live setting)\n"
           f"  stop:   gpt-tui stop {run_dir}")
 
 

@@ -55,3 +55,15 @@ def ago(seconds: float) -> str:
     if s < 172800:
         return f"{s // 3600}h ago"
     return f"{s // 86400}d ago"
+
+
+def fmt_value(v: object) -> str:
+    """A setting's value as people write it: 0.001 -> 1e-3, 0.0003 -> 3e-4, 0.5 -> 0.5, 50 -> 50, None -> off."""
+    if v is None:
+        return "off"
+    if isinstance(v, float):
+        if v != 0 and abs(v) < 0.01:
+            mantissa, exp = f"{v:.2e}".split("e")
+            return f"{float(mantissa):g}e{int(exp)}"
+        return f"{v:.4g}"
+    return str(v)

@@ -7,6 +7,7 @@ width in points when they render, so a long run draws as fast as a short one.
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from engine.runs import FINAL_STATES
 
 from .format import axis_scale, clip_left, fmt_count, fmt_duration, short_path
 from .keys import help_rows
+from .live import target_row
 
 # ------------------------------------------------------------------ numbers
 
@@ -111,10 +113,21 @@ class Chart(PlotextPlot):
         self.log_y = False  # y drawn as log10 of the value, ticks labelled with the value itself
         self.steps: list[StepPoint] = []
         self.evals: list[Any] = []
+        self.markers: list[tuple[int, str]] = []
+        """(step, label) of each live change to mark with a vertical line."""
+        self.base_title = title
+        self.title_note = ""
+        """Said after the title (e.g. that the chart shows only the recent window)."""
 
-    def set_data(self, steps: list[StepPoint], evals: list[Any], axis: str) -> None:
+    def set_data(self, steps: list[StepPoint], evals: list[Any], axis: str,
+                 markers: list[tuple[int, str]] | None = None) -> None:
         self.steps, self.evals, self.axis = steps, evals, axis
+        self.markers = markers or []
         self.refresh()
+
+    def title(self) -> str:
+        """The border title (subclasses add the current value)."""
+        return self.base_title
 
     def points(self) -> int:
         """How many points to draw: about one per column of the plot area."""
@@ -152,12 +165,35 @@ class Chart(PlotextPlot):
                 draw = plt.scatter if marker == "dot" else plt.plot
                 draw(xs, ys, color=color, marker=marker)
             if all_x and all_y:
+                self.draw_markers(scale, min(all_x), max(all_x), max(all_y))
                 xt = tick_values(min(all_x), max(all_x), 4 if self.size.width > 40 else 3)
                 plt.xticks(xt, [self.x_label(v, unit) for v in xt])
                 h = self.size.height
                 yt = tick_values(min(all_y), max(all_y), 2 if h < 6 else 3 if h < 10 else 5)
                 plt.yticks(yt, [self.y_format.format(10 ** v if self.log_y else v) for v in yt])
+        self.border_title = self.title() + self.title_note
         return super().render()
+
+    def draw_markers(self, scale: float, x_lo: float, x_hi: float, y_top: float) -> None:
+        """A vertical line at each marker's step inside the x range, its label at the top: right of
+        the line, or left of it near the right edge; a label that would overlap a newer one is left
+        out (the line stays)."""
+        if not self.markers or x_hi <= x_lo:
+            return
+        cols = max(8, self.size.width - 8)
+        taken: list[tuple[float, float]] = []
+        for step, label in reversed(self.markers):  # the newest label wins where they would overlap
+            x = float(step) if self.axis == "steps" else tokens_at(self.steps, step) / scale
+            if not x_lo <= x <= x_hi:
+                continue
+            self.plt.vline(x, color=ANSI["magenta"])
+            col = (x - x_lo) / (x_hi - x_lo) * cols
+            span, align = (col, col + len(label)), "left"
+            if span[1] > cols + 1:
+                span, align = (col - len(label), col), "right"
+            if label and span[0] >= 0 and not any(a - 1 < span[1] and span[0] < b + 1 for a, b in taken):
+                self.plt.text(label, x, y_top, color=ANSI["magenta"], alignment=align)
+                taken.append(span)
 
     def x_label(self, v: float, unit: str) -> str:
         if self.axis == "steps":
@@ -169,17 +205,26 @@ class Chart(PlotextPlot):
 
 
 class LossChart(Chart):
-    """Train loss per step (smoothed) and val loss at each eval."""
+    """Train loss per step (smoothed) and val loss at each eval; with ``bpb`` in bits per byte."""
+
+    bpb = False
 
     def series(self, scale: float) -> list[tuple[list[float], list[float], int, str]]:
         n = self.points()
+        factor = bpb_factor(self.evals) if self.bpb else None
         xs = self.xs([(p.step, p.tokens) for p in self.steps], scale)
         ys = ema([p.loss for p in self.steps], 0.9 if len(self.steps) > 20 else 0.5)
+        if factor is not None:
+            ys = [y * factor for y in ys]
         out = [(*downsample(xs, ys, n), ANSI["cyan"], "braille")]
         if self.evals:
             ex = self.xs([(e.step, e.tokens_seen) for e in self.evals], scale)
-            out.append((*downsample(ex, [e.val_loss for e in self.evals], n // 2), ANSI["yellow"], "dot"))
+            ey = [e.val_bpb if factor is not None and e.val_bpb is not None else e.val_loss for e in self.evals]
+            out.append((*downsample(ex, ey, n // 2), ANSI["yellow"], "dot"))
         return out
+
+    def title(self) -> str:
+        return self.base_title + (" · bits per byte" if self.bpb and bpb_factor(self.evals) else "")
 
     def subtitle(self, unit: str) -> str:
         log = " · log y" if self.log_y else ""
@@ -194,8 +239,32 @@ class LRChart(Chart):
     def series(self, scale: float) -> list[tuple[list[float], list[float], int, str]]:
         xs = self.xs([(p.step, p.tokens) for p in self.steps], scale)
         ys = [p.lr for p in self.steps]
-        self.border_title = f"learning rate {ys[-1]:.2e}" if ys else "learning rate"
         return [(*downsample(xs, ys, self.points()), ANSI["magenta"], "braille")]
+
+    def title(self) -> str:
+        return f"{self.base_title} {self.steps[-1].lr:.2e}" if self.steps else self.base_title
+
+
+def tokens_at(steps: Sequence[StepPoint], step: int) -> float:
+    """Tokens seen after ``step``, from the (possibly thinned) step points: interpolated between
+    the nearest two, extrapolated at the same rate past the ends."""
+    if not steps:
+        return 0.0
+    i = bisect.bisect_left([p.step for p in steps], step)
+    if i < len(steps) and steps[i].step == step:
+        return float(steps[i].tokens)
+    a, b = (steps[i - 1], steps[i]) if 0 < i < len(steps) else (steps[0], steps[-1])
+    if b.step == a.step:
+        return a.tokens * step / max(a.step, 1)
+    return a.tokens + (b.tokens - a.tokens) * (step - a.step) / (b.step - a.step)
+
+
+def bpb_factor(evals: Sequence[Any]) -> float | None:
+    """Bits per byte per nat per token of the run's val text (from the latest eval that has both)."""
+    for e in reversed(evals):
+        if getattr(e, "val_bpb", None) and e.val_loss > 0:
+            return e.val_bpb / e.val_loss
+    return None
 
 
 # ------------------------------------------------------------------ stats
@@ -252,8 +321,18 @@ class RunClock:
         return self.active(snap) / done * max(0, start.total_steps - last.step)
 
 
-def stats_rows(snap: Snapshot, clock: RunClock) -> list[tuple[str, str]]:
-    """(label, value) rows of the stats pane."""
+def seconds_per_step(snap: Snapshot, clock: RunClock) -> float | None:
+    """The run's current seconds per step, as its ETA counts them (else the last step's time)."""
+    start, last = snap.start, snap.last_step
+    eta = clock.eta(snap)
+    left = (start.total_steps - last.step) if start is not None and last is not None else 0
+    if eta is not None and left > 0:
+        return eta / left
+    return last.step_time if last is not None else None
+
+
+def stats_rows(snap: Snapshot, clock: RunClock, bpb: bool = False) -> list[tuple[str, str]]:
+    """(label, value) rows of the stats pane (``bpb``: val loss in bits per byte where known)."""
     start, last = snap.start, snap.last_step
     evals = snap.evals
     total = start.total_steps if start else 0
@@ -272,7 +351,10 @@ def stats_rows(snap: Snapshot, clock: RunClock) -> list[tuple[str, str]]:
         rows.append(("loss", "-"))
     if evals:
         ev = evals[-1]
-        rows.append(("val loss", f"{ev.val_loss:.4f} @{ev.step}"))
+        if bpb and ev.val_bpb is not None:
+            rows.append(("val bpb", f"{ev.val_bpb:.4f} @{ev.step}"))
+        else:
+            rows.append(("val loss", f"{ev.val_loss:.4f} @{ev.step}"))
         ppl_of = ev.val_loss
     else:
         rows.append(("val loss", "-"))
@@ -287,6 +369,9 @@ def stats_rows(snap: Snapshot, clock: RunClock) -> list[tuple[str, str]]:
     eta = clock.eta(snap)
     state = snap.state
     rows.append(("ETA", "-" if state in DONE_STATES or eta is None else fmt_duration(eta)))
+    target = target_row(snap, seconds_per_step(snap, clock))
+    if target is not None:
+        rows.append(target)
     rows.append(("device", f"{start.device} {start.dtype}" if start else "-"))
     if start:
         trainable = start.n_trainable and start.n_trainable != start.n_params
