@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @friendly_errors
     def compare(
-        runs: list[str] = typer.Argument(..., metavar="RUN...", show_default=False,
+        runs: list[str] = typer.Argument(..., metavar="RUN", show_default=False,
                                          help="Run directories, or folders of runs (every run under each)."),
         svg: str = typer.Option(None, "--svg", metavar="FILE", show_default=False,
                                 help="Write the comparison to FILE as an SVG instead of opening the screen."),
