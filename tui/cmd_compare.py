@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Compare runs: train and val loss on one chart (x: steps or tokens), the settings that differ, and
         each run's final train loss, best val loss and its step, steps and tokens. Runs still training are
-        re-read every 2 s. Keys: x axis, y log, Tab the table, q quit."""
+        re-read every 2 s. Keys: x axis, y log, arrows scroll the table, q quit."""
         from engine.errors import GptTuiError
 
         from .common import has_terminal
