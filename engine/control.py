@@ -464,7 +464,10 @@ class EventStream:
         self.status = status
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.sock.settimeout(None)
+        try:
+            self.sock.settimeout(None)
+        except OSError:  # closed before the reader started (a viewer closed at once)
+            return
         while True:
             try:
                 msg = self.reader.line()

@@ -107,6 +107,7 @@ class DashboardApp(App[int]):
         self._changes_seen: int | None = None
         self._system_timer: Timer | None = None
         self._system_pane: SystemPane | None = None
+        self.overlay: Any = None  # key o: another run drawn over the loss chart (tui/compare.py Overlay)
 
     # ------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:
@@ -479,6 +480,16 @@ class DashboardApp(App[int]):
         self.axis = "tokens" if self.axis == "steps" else "steps"
         if self.snap is not None:
             self._update_charts(self.snap, force=True)
+
+    def action_overlay(self) -> None:
+        """o: pick a run beside this one to draw over the loss chart, or clear it. The picker and the
+        reading of that run's metrics.jsonl (a worker, off this poll) are tui/compare.py's."""
+        from .compare import Overlay
+
+        if self.overlay is None:
+            self.overlay = Overlay(self, self.query_one(LossChart))
+        start = self.snap.start if self.snap is not None else None
+        self.overlay.pick(start.run_dir if start else self.run_dir)
 
     def action_toggle_log(self) -> None:
         """The loss chart's y axis: linear or log (loss spans orders of magnitude early in a run)."""

@@ -9,7 +9,17 @@ import sys
 
 import typer
 
-from . import cmd_dist, cmd_gpt2, cmd_logs, cmd_prepare, cmd_runs, cmd_sample, cmd_speed, cmd_train
+from . import (
+    cmd_compare,
+    cmd_dist,
+    cmd_gpt2,
+    cmd_logs,
+    cmd_prepare,
+    cmd_runs,
+    cmd_sample,
+    cmd_speed,
+    cmd_train,
+)
 from .common import DEBUG
 from .entry import show_version
 
@@ -33,7 +43,7 @@ def _root(
         DEBUG["on"] = True
 
 
-for _m in (cmd_train, cmd_gpt2, cmd_sample, cmd_speed, cmd_dist, cmd_prepare, cmd_runs, cmd_logs):
+for _m in (cmd_train, cmd_gpt2, cmd_sample, cmd_speed, cmd_dist, cmd_prepare, cmd_runs, cmd_compare, cmd_logs):
     _m.register(app)
 
 

@@ -43,8 +43,20 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     @friendly_errors
-    def attach(run_dir: str = RUN_DIR) -> None:
-        """Open the dashboard on a running run (q leaves it running), or read-only on a finished one."""
+    def attach(
+        run_dir: str = RUN_DIR,
+        web: bool = typer.Option(False, "--web", help="Serve the dashboard to a web browser instead (until Ctrl+C)."),
+        port: int = typer.Option(8000, "--port", help="Port of --web."),
+        host: str = typer.Option("127.0.0.1", "--host",
+                                 help="Address --web binds to (anyone who reaches it controls the run)."),
+    ) -> None:
+        """Open the dashboard on a running run (q leaves it running), or read-only on a finished one;
+        --web serves it to a browser (each page a viewer)."""
+        if web:
+            from .web import serve_attach
+
+            serve_attach(run_dir, host, port)
+            return
         from .launch import attach_run
 
         attach_run(run_dir)

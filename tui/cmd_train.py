@@ -105,6 +105,10 @@ def _launch(cfg: Any, explicit: frozenset[str], front: dict[str, Any], task: Any
     if front["web"]:
         from .web import web_runner
 
+        if front["detach"] or front["headless"]:
+            other = "--detach" if front["detach"] else "--headless"
+            fail(f"--web and {other} do not go together: --web serves the dashboard; to watch a background run "
+                 "in a browser, start it with --detach, then: gpt-tui attach RUN --web")
         web = web_runner(front["host"], front["port"])
     run_training(cfg, explicit, task=task, headless=front["headless"], detach=front["detach"], web=web)
 

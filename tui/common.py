@@ -58,8 +58,19 @@ def describe_exception(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}"[:300]
 
 
+WEB_PAGE_ENV = "GPT_TUI_WEB"
+"""Set to 1 in the command each browser page of ``--web`` runs (tui/web.py): the page is its terminal."""
+
+
+def served_to_browser() -> bool:
+    """Whether this process draws into a browser page (textual-serve's web driver) instead of a terminal."""
+    return os.environ.get(WEB_PAGE_ENV) == "1" or os.environ.get("TEXTUAL_DRIVER", "").endswith(":WebDriver")
+
+
 def has_terminal() -> bool:
-    """A terminal the dashboard can draw on (Textual draws on stderr)."""
+    """A terminal the dashboard can draw on (Textual draws on stderr), or a browser page (``--web``)."""
+    if served_to_browser():
+        return True
     term = os.environ.get("TERM", "")
     return sys.stdin.isatty() and sys.stderr.isatty() and term not in ("", "dumb")
 

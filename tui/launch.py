@@ -24,7 +24,7 @@ from engine.config import TrainConfig
 from engine.events import LogEvent
 from engine.recorder import Recorder
 
-from .common import SignalStopper, fail, has_terminal
+from .common import SignalStopper, fail, has_terminal, served_to_browser
 
 
 class SetupCancelled(Exception):
@@ -227,6 +227,8 @@ def attach_run(run_dir: str) -> None:
         paused = live and controller.paused
     finally:
         controller.close()
+    if served_to_browser():
+        return  # a browser page (--web): stdout carries the page's protocol, and the page has closed
     if paused:
         print(f"detached; the run stays paused. Resume it: gpt-tui resume {run_dir}   (or attach again and press p)")
     elif live:

@@ -149,11 +149,15 @@ class Chart(PlotextPlot):
         drawn as separate points."""
         return []
 
+    def has_data(self) -> bool:
+        """Whether there is anything to draw (a chart fed other than by ``set_data`` says so itself)."""
+        return bool(self.steps)
+
     def render(self) -> Any:
         plt = self.plt
         plt.clear_data()
         plt.frame(False)
-        if self.steps:
+        if self.has_data():
             scale, unit = self.x_scale()
             self.border_subtitle = self.subtitle(unit)
             lines = self.series(scale)
@@ -204,10 +208,37 @@ class Chart(PlotextPlot):
         return f"x: {unit + ' ' if unit else ''}{self.axis}"
 
 
+@dataclass(frozen=True)
+class ExtraSeries:
+    """A curve that does not come from the recorder (another run's, read from its metrics.jsonl):
+    its x both as steps and as tokens, so the chart's x axis can switch."""
+
+    steps: Sequence[float]
+    tokens: Sequence[float]
+    ys: Sequence[float]
+    color: int
+    marker: str
+    """``braille`` (or any plotext marker) draws a line; ``dot`` draws separate points."""
+
+    def xy(self, axis: str, scale: float) -> tuple[list[float], list[float]]:
+        xs = [float(s) for s in self.steps] if axis == "steps" else [t / scale for t in self.tokens]
+        return xs, list(self.ys)
+
+
 class LossChart(Chart):
-    """Train loss per step (smoothed) and val loss at each eval; with ``bpb`` in bits per byte."""
+    """Train loss per step (smoothed) and val loss at each eval; with ``bpb`` in bits per byte; ``extra``:
+    another run's curves over them (key ``o``, tui/compare.py), drawn as far along x as this run has come."""
 
     bpb = False
+
+    def __init__(self, title: str, **kw: Any) -> None:
+        super().__init__(title, **kw)
+        self.extra: list[ExtraSeries] = []
+        self.extra_label = ""  # its legend entry in the subtitle (markup)
+
+    def set_extra(self, extra: list[ExtraSeries], label: str = "") -> None:
+        self.extra, self.extra_label = extra, label
+        self.refresh()
 
     def series(self, scale: float) -> list[tuple[list[float], list[float], int, str]]:
         n = self.points()
@@ -221,6 +252,12 @@ class LossChart(Chart):
             ex = self.xs([(e.step, e.tokens_seen) for e in self.evals], scale)
             ey = [e.val_bpb if factor is not None and e.val_bpb is not None else e.val_loss for e in self.evals]
             out.append((*downsample(ex, ey, n // 2), ANSI["yellow"], "dot"))
+        end = xs[-1] if xs else 0.0
+        for s in self.extra:
+            sx, sy = s.xy(self.axis, scale)
+            kept = [(x, y) for x, y in zip(sx, sy, strict=True) if x <= end]
+            if kept:
+                out.append((*downsample([x for x, _ in kept], [y for _, y in kept], n), s.color, s.marker))
         return out
 
     def title(self) -> str:
@@ -228,7 +265,8 @@ class LossChart(Chart):
 
     def subtitle(self, unit: str) -> str:
         log = " · log y" if self.log_y else ""
-        return f"[cyan]train (smoothed)[/] [yellow]• val[/] · x: {unit + ' ' if unit else ''}{self.axis}{log}"
+        extra = f" · {self.extra_label}" if self.extra and self.extra_label else ""
+        return f"[cyan]train (smoothed)[/] [yellow]• val[/]{extra} · x: {unit + ' ' if unit else ''}{self.axis}{log}"
 
 
 class LRChart(Chart):
