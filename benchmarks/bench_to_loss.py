@@ -116,6 +116,8 @@ def _evaluates_after(step: int, every: int) -> bool:
 
 def _gpt_tui_side(conn: Any, cfg_dict: dict[str, Any], eval_every: int, target: float | None) -> None:
     """Child process: gpt-tui's Trainer.fit, one turn (step and evaluation) per 'go'."""
+    import torch
+
     from engine.config import TrainConfig
     from engine.device import allow_peak_probe
     from engine.events import NullSink
@@ -170,7 +172,7 @@ def _gpt_tui_side(conn: Any, cfg_dict: dict[str, Any], eval_every: int, target: 
         tr.setup()
         x, y = tr.micro_batch(0, 0)
         conn.send(("ready", tr.total_steps, _batch_digest(x, y), tr.dtype, tr.model_ref.num_params(),
-                   __import__("torch").get_num_threads()))
+                   torch.get_num_threads()))
         tr.fit()
     conn.send(("exit",))
 
