@@ -8,7 +8,8 @@ matrices but not embeddings, the head or vectors.
 
 Each param group carries ``lr_scale``, its peak learning rate over the run's (``--lr``): the
 trainer sets ``lr = lr_at(step) * lr_scale`` every step, so warm-up and decay shape every group
-alike. AdamW groups have 1.0; the Muon group has ``--muon-lr / --lr``.
+alike. AdamW groups have 1.0 (plain AdamW runs have none, read as 1.0); the Muon group has
+``--muon-lr / --lr``.
 """
 
 from __future__ import annotations
