@@ -130,11 +130,11 @@ def _gpt_tui_side(conn: Any, cfg_dict: dict[str, Any], eval_every: int, target: 
 
         _turn_open = False
         _finished = False
-        _last_loss = math.nan
+        _last_loss: Any = math.nan
 
-        def train_step(self) -> tuple[float, float, bool]:
+        def train_step(self) -> Any:
             out = super().train_step()
-            self._last_loss = out[0]
+            self._last_loss = out[0]  # a tensor, read at the end of the turn
             return out
 
         def evaluate(self) -> tuple[float, float]:  # fit's own evaluation after the last step: not raced
@@ -150,7 +150,7 @@ def _gpt_tui_side(conn: Any, cfg_dict: dict[str, Any], eval_every: int, target: 
             ev = Trainer.evaluate(self) if _evaluates_after(self.step, eval_every) else None
             if (ev is not None and target is not None and ev[1] <= target) or self.step >= self.total_steps:
                 self._finished = True
-            conn.send(("turn", self.step, self._last_loss, ev, self._finished))
+            conn.send(("turn", self.step, float(self._last_loss), ev, self._finished))
 
         def process_commands(self) -> None:
             self._end_turn()
@@ -163,15 +163,16 @@ def _gpt_tui_side(conn: Any, cfg_dict: dict[str, Any], eval_every: int, target: 
                 self._turn_open = True
             super().process_commands()
 
-        def on_finish(self) -> None:
+        def _finish(self, t_start: float) -> str:  # after the last step: end its turn first
             self._end_turn()
+            return super()._finish(t_start)
 
     with tempfile.TemporaryDirectory(prefix="bench-to-loss-") as d:
         cfg = TrainConfig(**{**cfg_dict, "out": os.path.join(d, "run")})
         tr = RaceTrainer(cfg, NullSink())
         tr.setup()
-        x, y = tr.micro_batch(0, 0)
-        conn.send(("ready", tr.total_steps, _batch_digest(x, y), tr.dtype, tr.model_ref.num_params(),
+        x, y = tr.batches.get(0, 0)
+        conn.send(("ready", tr.total_steps, _batch_digest(x, y), tr.dtype, tr.model.num_params(),
                    torch.get_num_threads()))
         tr.fit()
     conn.send(("exit",))

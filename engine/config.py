@@ -9,9 +9,10 @@ from typing import Any
 
 from .errors import GptTuiError
 from .model import PRESETS, WEIGHT_INITS, ModelConfig, preset_config
-from .optim import OPTIMIZERS
 from .tokenizer import check_tokenizer_name
 
+OPTIMIZERS = ("adamw", "muon")
+"""Values of ``--optimizer`` (engine.optim builds them)."""
 CHAR_PRESETS = ("tiny", "bigram")
 """Presets whose ``auto`` tokenizer is char level (the others use GPT-2's BPE)."""
 PRESET_LR = {"bigram": 1e-2, "tiny": 1e-3, "small": 1e-3}

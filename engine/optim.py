@@ -15,18 +15,13 @@ alike. AdamW groups have 1.0 (plain AdamW runs have none, read as 1.0); the Muon
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
 
+from .config import OPTIMIZERS, TrainConfig
 from .errors import GptTuiError
-
-if TYPE_CHECKING:
-    from .config import TrainConfig
-
-OPTIMIZERS = ("adamw", "muon")
-"""Values of ``--optimizer``."""
 
 MUON_MOMENTUM = 0.95
 """Momentum of Muon's (Nesterov) gradient average, torch's and nanochat's default."""

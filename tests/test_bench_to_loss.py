@@ -24,6 +24,7 @@ needs_book = pytest.mark.skipif(not all(_has(m) for m in ("llms_from_scratch", "
                                 reason="needs llms-from-scratch (pip install --no-deps) with matplotlib and tqdm")
 
 
+@pytest.mark.slow
 @needs_book
 def test_quick_race_reports_both_sides_on_the_same_windows() -> None:
     data = shared("tinyshakespeare", "input.txt")
