@@ -11,6 +11,8 @@ from .errors import GptTuiError
 from .model import PRESETS, WEIGHT_INITS, ModelConfig, preset_config
 from .tokenizer import check_tokenizer_name
 
+OPTIMIZERS = ("adamw", "muon")
+"""Values of ``--optimizer`` (engine.optim builds them)."""
 CHAR_PRESETS = ("tiny", "bigram")
 """Presets whose ``auto`` tokenizer is char level (the others use GPT-2's BPE)."""
 PRESET_LR = {"bigram": 1e-2, "tiny": 1e-3, "small": 1e-3}
@@ -58,8 +60,15 @@ class TrainConfig:
     """Learning rate at the end of the cosine decay (equal to --lr for a constant rate)."""
     warmup_steps: int | None = None
     """Linear warm-up steps."""
+    optimizer: str = "adamw"
+    """``adamw`` for every parameter, or ``muon``: torch's Muon for the 2-D weights of the
+    transformer blocks and AdamW for embeddings, LM head, norms and biases (engine.optim)."""
+    muon_lr: float = 0.02
+    """Peak learning rate of the Muon matrices with --optimizer muon (nanochat's 0.02; the schedule
+    scales it as it scales --lr; torch's Muon multiplies it by sqrt(max(1, rows/cols)) per matrix)."""
     weight_decay: float = 0.1
-    """AdamW weight decay, applied to matrices only."""
+    """AdamW weight decay, applied to matrices only (with --optimizer muon, Muon's matrices shrink
+    by the same factor per step: its decay is weight_decay * lr / muon_lr)."""
     beta1: float = 0.9
     """AdamW beta1 (decay of the gradient's running mean)."""
     beta2: float = 0.95
@@ -148,6 +157,8 @@ class TrainConfig:
         self._check_ranges()
         if self.weight_init not in WEIGHT_INITS:
             raise GptTuiError(f"unknown --weight-init {self.weight_init!r}", f"choose {' or '.join(WEIGHT_INITS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise GptTuiError(f"unknown --optimizer {self.optimizer!r}", f"choose {' or '.join(OPTIMIZERS)}")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise GptTuiError(f"unknown dtype {self.dtype!r}", "choose auto, fp32, bf16 or fp16")
         se = str(self.sample_every)
@@ -168,6 +179,7 @@ class TrainConfig:
             "epochs": self.epochs,
             "max_steps": self.max_steps,
             "eval_batches": self.eval_batches,
+            "muon_lr": self.muon_lr,
         }
         for name, v in positive.items():
             if v is not None and v <= 0:
@@ -277,8 +289,8 @@ def load_toml(path: str) -> dict[str, Any]:
 SAFE_ON_RESUME = {
     "epochs", "max_steps", "eval_every", "eval_batches", "sample_every", "prompt", "sample_tokens",
     "checkpoint_every", "keep_last", "device", "threads", "out", "resume", "spike_factor",
-    "max_bad_steps", "compile", "lr", "min_lr", "grad_clip", "data", "text_field", "fsdp", "test_responses",
-    "target_val_loss",
+    "max_bad_steps", "compile", "lr", "muon_lr", "min_lr", "grad_clip", "data", "text_field", "fsdp",
+    "test_responses", "target_val_loss",
     "log",
 }
 

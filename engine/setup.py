@@ -194,7 +194,9 @@ def build_model(cfg: TrainConfig, vocab_size: int, context: int, resume: Checkpo
 
 
 def make_optimizer(cfg: TrainConfig, model: GPT) -> torch.optim.Optimizer:
-    return model.configure_optimizer(cfg.peak_lr(), cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+    from .optim import build_optimizer  # AdamW (the model's configure_optimizer) or Muon + AdamW
+
+    return build_optimizer(model, cfg)
 
 
 # ------------------------------------------------------------------ schedule
