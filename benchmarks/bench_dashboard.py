@@ -129,6 +129,11 @@ def main() -> None:
     p.add_argument("--dash-threads", default="", help="also run the dashboard at these torch thread counts, e.g. 1,2")
     p.add_argument("--headless-threads", default="", help="also run headless at these torch thread counts")
     p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--device", default=None, help="--device of every run (e.g. cuda)")
+    p.add_argument("--dtype", default=None, help="--dtype of every run")
+    p.add_argument("--batch-size", default=None, help="--batch-size of every run")
+    p.add_argument("--context", default=None, help="--context of every run")
+    p.add_argument("--save", default=None, help="also write the results as JSON to this file")
     p.add_argument("--system-pane", action=argparse.BooleanOptionalAction, default=True,
                    help="show the dashboard's system pane (m) through each run (default: on; it samples at 2 Hz)")
     a = p.parse_args()
@@ -154,6 +159,9 @@ def main() -> None:
             args += ["--data", a.data]
         if a.threads:
             args += ["--threads", str(a.threads)]
+        for flag in ("device", "dtype", "batch_size", "context"):
+            if getattr(a, flag):
+                args += ["--" + flag.replace("_", "-"), str(getattr(a, flag))]
         variants: list[tuple[str, list[str]]] = [("headless", []), ("dashboard", [])]
         for t in filter(None, a.headless_threads.split(",")):
             variants.append((f"headless --threads {t}", ["--threads", t]))
@@ -181,6 +189,9 @@ def main() -> None:
     for preset, name, tps, ratio, lo, hi in rows:
         print(f"{preset:<8}{name:<26}{tps:>16,.0f}{ratio:>13.3f}{f'{lo:.2f}-{hi:.2f}':>16}")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+    if a.save:
+        Path(a.save).write_text(json.dumps([dict(zip(("preset", "mode", "tokens_per_sec", "ratio", "low", "high"), r,
+                                                     strict=True)) for r in rows], indent=2))
     shutil.rmtree(work, ignore_errors=True)
 
 

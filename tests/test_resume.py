@@ -95,6 +95,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(corpus: Path, tmp_path: Pa
             assert_same_tensors(getattr(got, key), getattr(ref_final, key))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_resume_on_cuda_matches_within_float_tolerance(corpus: Path, tmp_path: Path):
     kw = dict(max_steps=30, batch_size=8, grad_accum=2, dropout=0.1, device="cuda", eval_every=0)

@@ -162,11 +162,12 @@ def test_mps_path_fp32_default_autocast_and_no_compile(corpus, tmp_path) -> None
         tr.setup()
         assert tr.scaler is None
         assert tr.fit() == "finished"
-        assert torch.isfinite(torch.tensor(tr._recent_losses)).all()
+        assert torch.isfinite(torch.tensor(list(tr.guard.recent))).all()
     with pytest.raises(GptTuiError, match="compile"):
         Trainer(tiny_config(corpus, tmp_path / "run-c", device="mps", compile=True)).setup()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_fp16_uses_a_scaler_and_bf16_does_not(corpus, tmp_path) -> None:
     from engine.trainer import Trainer

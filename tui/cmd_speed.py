@@ -248,6 +248,7 @@ class BenchOptions:
     thread_presets: list[tuple[str, int | None, int | None]]
     memory: tuple[str, int | None, int | None]
     soak: int
+    compile: bool = False
 
     def config(self, preset: str, batch_size: int | None = None, context: int | None = None, **kw: Any) -> Any:
         from engine.bench import bench_config
@@ -285,7 +286,8 @@ def run_parts(o: BenchOptions, dev: Any, progress: Any) -> dict[str, Any]:
         progress("measuring the matmul peak")
         report["peaks"] = B.device_peaks(dev, given=o.peak, progress=progress)
     if "train" in p:
-        report["train"] = [B.bench_train(o.config(n, b or o.batch_size, t or o.context), steps=o.steps,
+        report["train"] = [B.bench_train(o.config(n, b or o.batch_size, t or o.context, compile=o.compile or None),
+                                         steps=o.steps,
                                          warmup=o.warmup, compare=o.compare, progress=progress) for n, b, t in o.presets]
     if "threads" in p and dev.type == "cpu":
         counts = sorted({1, max(1, (os.cpu_count() or 2) // 2), os.cpu_count() or 1})
@@ -326,6 +328,8 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps."),
         dtype: str = typer.Option("auto", "--dtype", help="auto (the train default), fp32, bf16, fp16."),
         threads: int = typer.Option(None, "--threads", help="Torch CPU threads (default: the train default)."),
+        peak_tflops: float = typer.Option(None, "--peak-tflops", help="The device's dense peak in TFLOP/s (e.g. 989 for an H100/H200 in bf16), instead of the known-peak table."),
+        compile_: bool = typer.Option(False, "--compile", help="Time the training steps with torch.compile (the first steps compile)."),
         peak: float = typer.Option(None, "--peak-flops", help="The device's peak FLOP/s for MFU (e.g. 989e12), instead of the table or a measurement."),
         gen_tokens: int = typer.Option(64, "--gen-tokens", help="New tokens per generation measurement."),
         gen_presets: str = typer.Option("small", "--gen-presets", help="Presets whose generation speed is measured."),
@@ -349,9 +353,9 @@ def register(app: typer.Typer) -> None:
         opts = BenchOptions(
             parts=parse_parts(only, skip), presets=parse_presets(presets), steps=steps, warmup=warmup,
             batch_size=batch_size, context=context, compare=compare, data=list(data or []), device=device,
-            dtype=dtype, threads=threads, peak=peak, gen_tokens=gen_tokens, gen_presets=parse_presets(gen_presets),
+            dtype=dtype, threads=threads, peak=peak or (peak_tflops * 1e12 if peak_tflops else None), gen_tokens=gen_tokens, gen_presets=parse_presets(gen_presets),
             opt_presets=parse_presets(opt_presets), thread_presets=parse_presets(thread_presets),
-            memory=parse_presets(memory)[0], soak=soak)
+            memory=parse_presets(memory)[0], soak=soak, compile=compile_)
         dev = resolve_device(device)
         if dev.type == "cpu":
             import torch
