@@ -87,6 +87,27 @@ def preset_config(name: str, **overrides) -> ModelConfig:
     return cfg
 
 
+MATH_ATTENTION_MAX_T = 128
+"""Longest sequence for which bf16 CPU training uses :func:`causal_attention_math` (beyond it the
+fused kernel's memory-light backward wins, and the written-out one keeps T x T weights per head)."""
+
+
+def causal_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention written out: ``softmax(q k^T / sqrt(d) + mask) v``.
+
+    Under bf16 autocast on a CPU, for short sequences, this runs several times faster (forward and
+    backward) than PyTorch's fused CPU attention kernel, whose bf16 backward is slow for small
+    heads (in fp32 the fused kernel is the faster one, and on GPUs it always is).
+    """
+    T, S = q.size(-2), k.size(-2)
+    att = (q @ k.transpose(-2, -1)) * (q.size(-1) ** -0.5)
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    if dropout_p > 0:
+        att = F.dropout(att, dropout_p)
+    return att @ v
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -103,13 +124,15 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        p = self.dropout if self.training else 0.0
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.attn_mask(T, k.size(2), x.device))
+        elif T <= MATH_ATTENTION_MAX_T and x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and \
+                torch.get_autocast_dtype("cpu") == torch.bfloat16 and not torch.compiler.is_compiling():
+            y = causal_attention_math(q, k, v, p)
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-            )
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y))
 

@@ -131,3 +131,23 @@ def test_kv_cache_matches_full_forward():
             step_logits.append(m.head(m.hidden(x[:, t : t + 1], cache)))
     got = torch.cat(step_logits, dim=1)
     assert torch.allclose(got, full, atol=1e-5)
+
+
+def test_written_out_attention_equals_the_fused_kernel() -> None:
+    """bf16 CPU training of short sequences takes causal_attention_math: same values and gradients."""
+    import torch.nn.functional as F
+
+    from engine.model import causal_attention_math
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 16, requires_grad=True) for _ in range(3))
+    a = causal_attention_math(q, k, v)
+    b = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    ga = torch.autograd.grad(a.sum(), (q, k, v))
+    gb = torch.autograd.grad(b.sum(), (q, k, v))
+    for x, y in zip(ga, gb, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        c = causal_attention_math(q, k, v)
+    torch.testing.assert_close(c.float(), b, rtol=0.05, atol=0.05)
