@@ -46,3 +46,10 @@ class DivergenceGuard:
     def load(self, state: dict[str, Any]) -> None:
         self.recent.extend(state.get("recent_losses", []))
         self.bad_steps = int(state.get("bad_steps", 0))
+
+
+def target_reached(target: float | None, val_loss: float, step: int, total_steps: int) -> str | None:
+    """What to say when an eval reaches ``--target-val-loss`` before the run's end (None: it has not)."""
+    if target is None or val_loss > target or step >= total_steps:
+        return None
+    return f"target val loss {target:g} reached at step {step} (val loss {val_loss:.4f})"

@@ -5,12 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from . import checkpoint as ck
+from .commands import GenerateRequest
 from .device import autocast_factory, resolve_device
 from .errors import GptTuiError
+from .events import GenerateEvent
 from .model import GPT
 from .prompts import format_prompt
 from .sampling import SampleSettings, generate_stream
@@ -60,6 +63,30 @@ def stream_text(model: GPT, tokenizer: Tokenizer, ids: list[int], settings: Samp
     rest = stream.flush()
     if rest:
         yield rest
+
+
+def serve_generation(req: GenerateRequest, template: str | None, generate_text: Callable[..., str],
+                     emit: Callable[[Any], None]) -> None:
+    """Carry out a live generation request: its text as GenerateEvents (a note first when the prompt is
+    cut, the last one ``done`` with the speed, or with ``error`` when the prompt cannot be taken)."""
+    t0, n = time.perf_counter(), 0
+    prompt = req.prompt if req.raw else format_prompt(template, req.prompt)
+
+    def on_token(piece: str) -> None:
+        nonlocal n
+        n += 1
+        emit(GenerateEvent(request_id=req.request_id, text=piece, prompt=req.prompt))
+
+    def note(text: str) -> None:
+        emit(GenerateEvent(request_id=req.request_id, text="", prompt=req.prompt, note=text))
+
+    try:
+        generate_text(prompt, req.settings, on_token, note)
+    except GptTuiError as e:
+        emit(GenerateEvent(request_id=req.request_id, text="", prompt=req.prompt, done=True, error=str(e)))
+        return
+    tps = n / max(1e-9, time.perf_counter() - t0)
+    emit(GenerateEvent(request_id=req.request_id, text="", prompt=req.prompt, done=True, tokens_per_sec=tps))
 
 
 @dataclass

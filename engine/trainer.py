@@ -23,7 +23,7 @@ import torch
 from . import checkpoint as ck
 from . import run_state
 from . import setup as st
-from .commands import CommandSource, GenerateRequest, LocalCommands, LocalController
+from .commands import CommandSource, LocalCommands, LocalController
 from .config import LiveChange, TrainConfig
 from .device import autocast_factory, memory_mb, peak_flops
 from .errors import DivergenceError, GptTuiError, RankLostError
@@ -32,7 +32,6 @@ from .events import (
     CheckpointEvent,
     EvalEvent,
     FailedEvent,
-    GenerateEvent,
     LogEvent,
     MetricsWriter,
     MultiSink,
@@ -41,10 +40,9 @@ from .events import (
     StateEvent,
     StepEvent,
 )
-from .guard import DivergenceGuard
-from .inference import encode_prompt, stream_text
+from .guard import DivergenceGuard, target_reached
+from .inference import encode_prompt, serve_generation, stream_text
 from .loggers import build_loggers, close_loggers
-from .prompts import format_prompt
 from .sampling import SampleSettings
 from .steps import Batches, StepReader, StepReading
 from .strategy import Strategy, strategy_for
@@ -315,26 +313,6 @@ class Trainer(LocalController):
                 on_token(piece)
         return "".join(pieces)
 
-    def _serve_generate(self, req: GenerateRequest) -> None:
-        t0, n = time.perf_counter(), 0
-        prompt = req.prompt if req.raw else format_prompt(self.task.template, req.prompt)
-
-        def on_token(piece: str) -> None:
-            nonlocal n
-            n += 1
-            self.emit(GenerateEvent(request_id=req.request_id, text=piece, prompt=req.prompt))
-
-        def note(text: str) -> None:
-            self.emit(GenerateEvent(request_id=req.request_id, text="", prompt=req.prompt, note=text))
-
-        try:
-            self.generate_text(prompt, req.settings, on_token, note)
-        except GptTuiError as e:
-            self.emit(GenerateEvent(request_id=req.request_id, text="", prompt=req.prompt, done=True, error=str(e)))
-            return
-        tps = n / max(1e-9, time.perf_counter() - t0)
-        self.emit(GenerateEvent(request_id=req.request_id, text="", prompt=req.prompt, done=True, tokens_per_sec=tps))
-
     def apply_change(self, change: LiveChange) -> None:
         """Carry out a live change at this step boundary (recorded, saved with checkpoints)."""
         with contextlib.suppress(ValueError):
@@ -370,7 +348,7 @@ class Trainer(LocalController):
         elif kind == "eval":
             self.evaluate()
         elif kind == "generate":
-            self._serve_generate(arg)
+            serve_generation(arg, self.task.template, self.generate_text, self.emit)
         elif kind == "change":
             self.apply_change(arg)
         elif kind == "changes":
@@ -508,10 +486,9 @@ class Trainer(LocalController):
 
     def _check_target(self, val_loss: float) -> None:
         """Pause (or stop with a checkpoint) when the val loss reaches ``target_val_loss``."""
-        target = self.cfg.target_val_loss
-        if target is None or val_loss > target or self.step >= self.total_steps:
+        msg = target_reached(self.cfg.target_val_loss, val_loss, self.step, self.total_steps)
+        if msg is None:
             return
-        msg = f"target val loss {target:g} reached at step {self.step} (val loss {val_loss:.4f})"
         self.log(msg, "target")
         if self.options.pause_on_divergence:
             self.pause_message = msg
