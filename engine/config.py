@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import GptTuiError
-from .model import PRESETS, WEIGHT_INITS, ModelConfig, preset_config
+from .model_config import PRESETS, WEIGHT_INITS, ModelConfig, preset_config
 from .tokenizer import check_tokenizer_name
 
 OPTIMIZERS = ("adamw", "muon")
@@ -294,6 +294,9 @@ SAFE_ON_RESUME = {
     "log",
 }
 
+CPU_THREADS_TEXT = "every core headless; beside the dashboard, the cores not busy (at least one)"
+"""What :func:`engine.device.default_threads` picks, in words (for ``--help``)."""
+
 DEMO_EPOCHS = 3
 """Epochs of the embedded demo corpus when neither --epochs nor --max-steps is given."""
 
@@ -399,8 +402,6 @@ def parse_live_change(cfg: TrainConfig, setting: str, value: str) -> Any:
 # ------------------------------------------------------------------ defaults, as help shows them
 def default_text(name: str) -> str:
     """The default of a setting in words, from the values the code uses (``--help`` shows it)."""
-    from .device import cpu_threads_text
-
     special = {
         "data": "the embedded python-docs corpus",
         "tokenizer": f"auto: char for {' and '.join(CHAR_PRESETS)}, gpt2 for the others",
@@ -412,7 +413,7 @@ def default_text(name: str) -> str:
         "warmup_steps": f"{WARMUP_SHARE:.0%} of the run",
         "dropout": "the preset's", "qkv_bias": "the preset's", "tie_weights": "the preset's",
         "n_layer": "the preset's", "n_head": "the preset's", "n_embd": "the preset's",
-        "threads": cpu_threads_text(),
+        "threads": CPU_THREADS_TEXT,
         "out": "runs/<timestamp>",
         "max_length": "the model's context",
         "test_responses": "as many as fit in a quarter of the training time (at least 20 s)",

@@ -133,11 +133,6 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def cpu_threads_text() -> str:
-    """What :func:`default_threads` picks, in words (for ``--help``)."""
-    return "every core headless; beside the dashboard, the cores not busy (at least one)"
-
-
 def default_threads(with_ui: bool) -> int:
     """Torch threads for CPU training: every core headless; beside the dashboard, the cores not busy.
 

@@ -16,7 +16,7 @@ PACKAGES = ("engine", "tui")
 # engine/, bottom to top: a module may import modules of its own layer or below, never above.
 ENGINE_LAYERS = [
     ["errors", "events", "prompts", "loggers"],
-    ["model", "tokenizer", "device", "corpus", "recorder", "tf_checkpoint"],
+    ["model", "model_config", "tokenizer", "device", "corpus", "recorder", "tf_checkpoint"],
     ["config", "corpora", "checkpoint", "checkpoint.io", "checkpoint.format"],
     ["data", "sampling", "lora", "pretrained", "commands", "guard", "steps", "runs"],
     ["weights", "inference", "strategy", "hf_export", "optim"],
@@ -135,3 +135,14 @@ def test_every_import_goes_down_the_layers(capsys) -> None:
         for m in sorted(graph, key=lambda x: (x.split(".")[0], layer.get(x, -1), x)):
             if graph[m]:
                 print(f"  L{layer.get(m, '-')} {m}: {', '.join(sorted(graph[m]))}")
+
+
+def test_the_command_line_starts_without_torch() -> None:
+    """Shell commands (status, pause, runs, --help) answer at once: importing the CLI imports no torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, tui.cli; print(sorted(m for m in ('torch', 'numpy', 'textual') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "torch" not in r.stdout, r.stdout
