@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -203,34 +204,26 @@ def test_measured_peak_is_stored_for_mfu() -> None:
     assert measured_peak("cpu", "bf16") == 5e12 and measured_peak("cpu", "fp32") == p.flops
 
 
-def test_bench_cli_json(corpus) -> None:
-    r = run_cli("bench", "--presets", "tiny:2x16", "--steps", "2", "--only", "peak,train,generate,tokenize",
-                "--gen-presets", "tiny", "--gen-tokens", "4", "--data", str(corpus), "--threads", "1", "--json")
+def test_bench_cli_table_json_and_the_book(corpus, tmp_path) -> None:
+    """One bench run (sharing its torch start-up): every part, the table on stdout, the JSON in --save."""
+    book = importlib.util.find_spec("llms_from_scratch") is not None
+    out = tmp_path / "bench.json"
+    r = run_cli("bench", "--presets", "tiny:2x16", "--steps", "2", "--only", "peak,train,generate,tokenize,launch,memory",
+                "--gen-presets", "tiny", "--gen-tokens", "4", "--memory", "tiny:2x16", "--data", str(corpus),
+                "--threads", "1", "--save", str(out), *(["--compare"] if book else []))
     assert r.returncode == 0, r.stderr
-    rep = json.loads(r.stdout)
+    assert "first step after" in r.stdout and "Peak memory, tiny at batch 2 x 16" in r.stdout
+    rep = json.loads(out.read_text())
     (t,) = rep["train"]
     assert (t["preset"], t["batch_size"], t["context"], t["tokenizer"]) == ("tiny", 2, 16, "char")
     assert t["tokens_per_sec"] > 0 and 0 < t["mfu"] < 1  # the peak measured first gives an MFU
+    if book:
+        assert t["book_tokens_per_sec"] > 0 and t["ratio"] > 0 and "book tok/s" in r.stdout
     (g,) = rep["generate"]
     assert g["cached_tokens_per_sec"] > 0 and g["uncached_tokens_per_sec"] > 0
     assert {x["tokenizer"] for x in rep["tokenize"]} == {"gpt2", "char"}
     assert all(x["mb_per_sec"] > 0 for x in rep["tokenize"])
     assert rep["machine"]["torch"] == torch.__version__
-
-
-def test_bench_cli_table_launch_and_memory(corpus) -> None:
-    r = run_cli("bench", "--only", "launch,memory", "--memory", "tiny:2x16", "--data", str(corpus), "--threads", "1")
-    assert r.returncode == 0, r.stderr
-    assert "first step after" in r.stdout and "Peak memory, tiny at batch 2 x 16" in r.stdout
-
-
-def test_bench_compare_with_the_book(corpus) -> None:
-    pytest.importorskip("llms_from_scratch.ch04", reason="pip install --no-deps llms-from-scratch")
-    r = run_cli("bench", "--presets", "tiny:2x16", "--steps", "2", "--only", "train", "--compare",
-                "--data", str(corpus), "--threads", "1", "--json")
-    assert r.returncode == 0, r.stderr
-    (t,) = json.loads(r.stdout)["train"]
-    assert t["book_tokens_per_sec"] > 0 and t["ratio"] > 0
 
 
 def test_bench_compare_without_the_package_is_one_clear_line(corpus) -> None:
