@@ -8,9 +8,9 @@ from typing import TextIO
 
 from engine.events import Event
 
-from .format import fmt_duration
+from .format import EMPTY_RESPONSE, fmt_duration
 
-EMPTY_RESPONSE = "(empty response)"
+__all__ = ["EMPTY_RESPONSE", "ConsoleSink"]
 
 
 class ConsoleSink:
