@@ -31,6 +31,7 @@ class Key:
 
 DASHBOARD_KEYS: tuple[Key, ...] = (
     Key("p", "pause", "pause", "pause / resume training (at the next step boundary)", commands=True),
+    Key("p", "resume", "resume", "resume training", commands=True, display=""),  # the footer's p while paused
     Key("c", "checkpoint", "checkpoint", "write a checkpoint now", commands=True),
     Key("g", "generate", "generate", "generate from the live weights (a panel below the charts)", commands=True),
     Key("e", "eval", "eval", "evaluate train and val loss now", commands=True),

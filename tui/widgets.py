@@ -205,7 +205,8 @@ class Chart(PlotextPlot):
         return f"{v:.3g}{unit}"
 
     def subtitle(self, unit: str) -> str:
-        return f"x: {unit + ' ' if unit else ''}{self.axis}"
+        """What the x axis counts (a tokens axis's ticks carry their own unit: 12k, 1.2M)."""
+        return f"x: {self.axis}"
 
 
 @dataclass(frozen=True)
@@ -266,7 +267,7 @@ class LossChart(Chart):
     def subtitle(self, unit: str) -> str:
         log = " · log y" if self.log_y else ""
         extra = f" · {self.extra_label}" if self.extra and self.extra_label else ""
-        return f"[cyan]train (smoothed)[/] [yellow]• val[/]{extra} · x: {unit + ' ' if unit else ''}{self.axis}{log}"
+        return f"[cyan]train (smoothed)[/] [yellow]• val[/]{extra} · x: {self.axis}{log}"
 
 
 class LRChart(Chart):
