@@ -563,6 +563,8 @@ class DashboardApp(App[int]):
         ``pause`` while running, ``resume`` while paused, and absent once the run has ended."""
         if self.read_only and action in commanding_actions():
             return False
+        if getattr(self.screen, "app_keys", True) is False and action != "quit_run":
+            return False  # a full screen of its own (the generate panel) shows only its keys
         if action in ("pause", "resume"):
             if self.snap is not None and self.snap.state in DONE_STATES:
                 return False
@@ -579,7 +581,12 @@ class DashboardApp(App[int]):
         self.action_quit_run()
 
     def action_quit_run(self, reason: str = "") -> None:
-        """First press: stop at the next step with a checkpoint, then exit. Second: exit now."""
+        """First press: stop at the next step with a checkpoint, then exit. Second: exit now.
+
+        In the generate panel, Ctrl+C (and Ctrl+Q) first stops a running generation, as the panel says."""
+        if not reason and getattr(self.screen, "generating", False):
+            self.screen.action_stop()
+            return
         snap = self.snap or self.recorder.snapshot()
         if not self.owns_engine or self.engine_done(snap):
             self._exit_with(0)
