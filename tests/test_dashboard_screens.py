@@ -85,10 +85,14 @@ async def test_viewer_help_shows_the_viewers_keys(corpus: Path, tmp_path: Path, 
     async with app.run_test(size=(80, 24)) as pilot:
         await until(pilot, lambda: trainer.step > 1, what="first steps")
         await pilot.press("question_mark")
+        await pilot.pause()
         help_text = app.screen.query_one("#help-box").content.plain
         assert "close the viewer (the run goes on)" in help_text
         assert "save a checkpoint and quit" not in help_text
         assert "pause / resume" in help_text  # a live viewer commands the run
+        assert max(len(line) for line in help_text.splitlines()) <= 76, "no row cut at 80 columns"
+        scroll = app.screen.query_one("#help-scroll")
+        assert scroll.region.bottom <= 24 and scroll.max_scroll_y == 0, "the whole key table is on an 80x24 screen"
 
 
 async def test_status_notes_end_when_the_thing_is_done(corpus: Path, tmp_path: Path, stop_engine: Any) -> None:

@@ -279,9 +279,10 @@ def attach_run(run_dir: str) -> None:
     if served_to_browser():
         return  # a browser page (--web): stdout carries the page's protocol, and the page has closed
     if paused:
-        print(f"detached; the run stays paused. Resume it: gpt-tui resume {run_dir}   (or attach again and press p)")
+        print(f"detached; the run stays paused. Resume it (or attach again and press p):\n  gpt-tui resume {run_dir}")
     elif live:
-        print(f"detached; the run goes on. Attach again: gpt-tui attach {run_dir}   stop it: gpt-tui stop {run_dir}")
+        print(f"detached; the run goes on. Attach again, or stop it:\n  gpt-tui attach {run_dir}\n"
+              f"  gpt-tui stop {run_dir}")
 
 
 def say(line: str) -> None:

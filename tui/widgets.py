@@ -597,12 +597,13 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         width = max(len(k) for k, _ in self.rows) + 2
-        body = Text("Keys\n\n", style="bold")
-        for k, what in self.rows:
+        body = Text("Keys", style="bold")
+        body.append("  (Esc closes)\n", style="dim")
+        for i, (k, what) in enumerate(self.rows):
             body.append(f"{k:<{width}}", style="bold cyan")
-            body.append(what + "\n")
-        body.append("\nEsc closes", style="dim")
-        yield Static(body, id="help-box")
+            body.append(what + ("\n" if i < len(self.rows) - 1 else ""))
+        with VerticalScroll(id="help-scroll"):  # scrolls where the terminal is shorter than the table
+            yield Static(body, id="help-box")
 
     def action_close(self) -> None:
         self.dismiss(None)
