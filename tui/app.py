@@ -326,9 +326,12 @@ class DashboardApp(App[int]):
             note = (snap.state_message + " · " if snap.state_message else "") + "q exits"
         elif state == "compiling":
             note, style = "compiling the model (the first step takes a while)", "dim"
-        elif state in ("starting", "finishing"):
+        elif state == "starting":
             progress = [lg for lg in snap.logs if lg.level == "progress"]
             note, style = (progress[-1].message if progress else "setting up"), "dim"
+        elif state == "finishing":  # the end phase's own progress (not setup's)
+            progress = [lg for lg in snap.logs if lg.level == "progress" and lg.step == snap.step and snap.step]
+            note, style = (progress[-1].message if progress else snap.state_message or "finishing"), "dim"
         if self.read_only:
             note = "read-only · " + note
         run_dir = start.run_dir if start else (self.run_dir or "")
