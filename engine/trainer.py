@@ -190,7 +190,8 @@ class Trainer(LocalController):
             resumed_from=self.resumed.path if self.resumed else None, resumed_step=self.step,
             config_changes=self.config_changes, flops_per_token=self.model.flops_per_token(self.context),
             peak_flops=peak_flops(self.device, self.dtype), world_size=self.world,
-            resumed_changes=len(self.changes), replayed=[vars(c) for c in self.replay]))
+            resumed_changes=len(self.changes), replayed=[vars(c) for c in self.replay],
+            peak_lr=self.cfg.peak_lr()))
         for skipped in self.resumed.skipped if self.resumed else []:
             self.log(f"skipped damaged checkpoint {skipped}", "warning")
 

@@ -229,3 +229,18 @@ def test_samples_pane_shows_empty_responses() -> None:
         t = sample_text(5, 0, "Name a fruit.", empty, expected="apple")
         assert f"→ {EMPTY_RESPONSE}" in t.plain and "expected: apple" in t.plain
     assert EMPTY_RESPONSE not in sample_text(5, 0, "Name a fruit.", "A pear.", expected="apple").plain
+
+
+async def test_stats_show_the_learning_rate_at_80x24(corpus: Path, tmp_path: Path, stop_engine: Any) -> None:
+    app, trainer, engine = make_app(long_run(corpus, tmp_path, lr=3e-3))
+    stop_engine((trainer, engine))
+    async with app.run_test(size=(80, 24)) as pilot:
+        engine.start()
+        await until(pilot, lambda: trainer.step > 1, what="first steps")
+        await pilot.pause(0.6)
+        pane = app.query_one(StatsPane)
+        shown = pane.text.plain.splitlines()[: pane.content_region.height]
+        lr_row = next((line for line in shown if line.startswith("lr ")), None)
+        assert lr_row is not None and "(peak 0.003)" in lr_row, shown
+        trainer.change("lr", "1e-3")  # as `s` or `gpt-tui set` would
+        await until(pilot, lambda: "(peak 0.001)" in pane.text.plain, what="the new peak")

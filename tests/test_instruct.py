@@ -200,6 +200,20 @@ def test_cli_finetune_headless(tmp_path: Path, init_ckpt: Path) -> None:
     assert cfg["mask_prompt"] is False and cfg["lr"] == 5e-5 and cfg["dropout"] == 0.0
     assert len(json.loads((run / "test_responses.json").read_text())) == 1
     assert "gpt-tui: test responses 1/1" in r.stderr and "test responses 1/1" not in r.stdout  # progress on stderr
+    assert ", lr 5e-05" in r.stdout.splitlines()[0]  # the start line names the learning rate
+
+
+def test_cli_lora_finetune_defaults_to_the_lora_learning_rate(tmp_path: Path, init_ckpt: Path) -> None:
+    from engine.config import LORA_LR
+
+    data = write_records(tmp_path / "data.json", make_records(40))
+    run = tmp_path / "run"
+    r = run_cli("finetune", "--init", str(init_ckpt), "--data", str(data), "--lora-rank", "4", "--max-steps", "1",
+                "--batch-size", "2", "--sample-every", "0", "--test-responses", "0", "--eval-every", "0",
+                "--eval-batches", "1", "--device", "cpu", "--headless", "--out", str(run))
+    assert r.returncode == 0, r.stderr
+    assert f", lr {LORA_LR:g}" in r.stdout.splitlines()[0] and "trainable" in r.stdout.splitlines()[0]
+    assert json.loads((run / "config.json").read_text())["train"]["lr"] == LORA_LR
     r = run_cli("generate", str(run), "--prompt", "What is 2 plus one?", "-n", "3", "--seed", "0")
     assert r.returncode == 0, r.stderr
     assert "What is 2 plus one?" not in r.stdout  # instruction-tuned: only the response

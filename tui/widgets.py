@@ -410,6 +410,17 @@ def seconds_per_step(snap: Snapshot, clock: RunClock) -> float | None:
     return last.step_time if last is not None else None
 
 
+def lr_text(snap: Snapshot) -> str:
+    """The learning rate now and the peak the schedule goes to (after live changes of it)."""
+    start, last = snap.start, snap.last_step
+    peak = start.peak_lr if start else None
+    for c in snap.changes:
+        if c.setting == "lr" and isinstance(c.new, (int, float)):
+            peak = float(c.new)
+    now = f"{last.lr:.2e}" if last else "-"
+    return f"{now} (peak {peak:g})" if peak else now
+
+
 def stats_rows(snap: Snapshot, clock: RunClock, bpb: bool = False) -> list[tuple[str, str]]:
     """(label, value) rows of the stats pane (``bpb``: val loss in bits per byte where known)."""
     start, last = snap.start, snap.last_step
@@ -454,11 +465,12 @@ def stats_rows(snap: Snapshot, clock: RunClock, bpb: bool = False) -> list[tuple
         rows.append(("params", fmt_count(start.n_params) + (f" ({fmt_count(start.n_trainable)} train)" if trainable else "")))
     else:
         rows.append(("params", "-"))
+    rows.append(("lr", lr_text(snap)))
     mem = last.memory_mb if last else None
-    rows.append(("memory", f"{mem / 1024:.2f} GB" if mem is not None else "-"))
+    if not start or start.device != "cpu":  # GPU/MPS memory: nothing to show on a CPU
+        rows.append(("memory", f"{mem / 1024:.2f} GB" if mem is not None else "-"))
     # below: seen when the pane is taller than 80x24 gives it
     rows.append(("tokens", fmt_count(last.tokens_seen) if last else "-"))
-    rows.append(("lr", f"{last.lr:.2e}" if last else "-"))
     rows.append(("grad norm", f"{last.grad_norm:.3f}" if last else "-"))
     if evals:
         rows.append(("best val", f"{min(e.val_loss for e in evals):.4f}"))
