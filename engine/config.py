@@ -98,7 +98,7 @@ class TrainConfig:
     """Batches per loss estimate."""
     sample_every: str = "epoch"
     """``epoch`` for a sample at each epoch end, a number N for every N steps, or ``0`` for none
-    (the first eval shows one too, so there is text to read early)."""
+    (the first eval, or 10 s of training if sooner, shows one too, so there is text to read early)."""
     prompt: str = "\n"
     """Start context of the periodic samples."""
     sample_tokens: int = 80

@@ -48,6 +48,9 @@ from .steps import Batches, StepReader, StepReading
 from .strategy import Strategy, strategy_for
 from .task import Task, TextTask, eval_text_size
 
+FIRST_SAMPLE_S = 10.0
+"""A run with no sample yet (and samples on) writes one after this much training, whatever the cadence."""
+
 
 @dataclass
 class EngineOptions:
@@ -409,16 +412,25 @@ class Trainer(LocalController):
         cfg = self.cfg
         every = [cfg.eval_every, cfg.checkpoint_every, int(cfg.sample_every) if str(cfg.sample_every).isdigit() else 0]
         return (any(n and step % n == 0 for n in every) or step % self.steps_per_epoch == 0 or step == 1
-                or step >= self.total_steps or self.commands.is_paused() or self.commands.stop_requested())
+                or step >= self.total_steps or self.commands.is_paused() or self.commands.stop_requested()
+                or self._first_sample_due())
+
+    def _first_sample_due(self) -> bool:
+        """No sample yet and :data:`FIRST_SAMPLE_S` of training done: one now, so there is text to read early."""
+        return (self.last_sample_step < 0 and str(self.cfg.sample_every) != "0"
+                and self.train_seconds >= FIRST_SAMPLE_S)
 
     def _after_step(self) -> None:
-        """Evals, samples and checkpoints due after this step."""
+        """Evals, samples and checkpoints due after this step (the first eval brings the first sample)."""
         cfg, step = self.cfg, self.step
+        evaluated = False
         if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps:
             self.evaluate()
+            evaluated = True
         every = str(cfg.sample_every)
         if (every.isdigit() and int(every) and step % int(every) == 0) or (
-                every == "epoch" and step % self.steps_per_epoch == 0):
+                every == "epoch" and step % self.steps_per_epoch == 0) or (
+                every != "0" and self.last_sample_step < 0 and (evaluated or self._first_sample_due())):
             self.task.samples(self)
             self.last_sample_step = step
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < self.total_steps:
