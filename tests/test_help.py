@@ -16,7 +16,6 @@ from engine.config import (
     LORA_LR,
     TrainConfig,
     default_text,
-    default_threads,
     finetune_defaults,
 )
 from engine.model import PRESETS
@@ -107,6 +106,8 @@ def test_defaults_in_words_match_what_the_code_does(train_help: str) -> None:
     assert cfg.epochs is None and schedule(cfg, 10)[0] == 10
     # threads: every core headless, fewer beside the dashboard on a busy machine
     assert "every core headless" in blocks["--threads"]
+    from engine.device import default_threads
+
     assert default_threads(with_ui=False) == (os.cpu_count() or 1)
     assert 1 <= default_threads(with_ui=True) <= (os.cpu_count() or 1)
     ctx = blocks["--context"]
