@@ -608,12 +608,16 @@ class HelpScreen(ModalScreen[None]):
         self.rows = help_rows(viewer, controls)
 
     def compose(self) -> ComposeResult:
+        import textwrap
+
         width = max(len(k) for k, _ in self.rows) + 2
+        room = max(20, min(100, self.app.size.width - 4) - width)  # inside the border and padding
         body = Text("Keys", style="bold")
         body.append("  (Esc closes)\n", style="dim")
         for i, (k, what) in enumerate(self.rows):
             body.append(f"{k:<{width}}", style="bold cyan")
-            body.append(what + ("\n" if i < len(self.rows) - 1 else ""))
+            body.append(textwrap.fill(what, room, subsequent_indent=" " * width)
+                        + ("\n" if i < len(self.rows) - 1 else ""))
         with VerticalScroll(id="help-scroll"):  # scrolls where the terminal is shorter than the table
             yield Static(body, id="help-box")
 
