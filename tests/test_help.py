@@ -12,6 +12,7 @@ import pytest
 from engine.config import (
     CHAR_PRESETS,
     DEMO_EPOCHS,
+    DEMO_LR,
     FINETUNE_DEFAULTS,
     LORA_LR,
     TrainConfig,
@@ -100,6 +101,9 @@ def test_defaults_in_words_match_what_the_code_does(train_help: str) -> None:
     # epochs: 3 on the embedded demo corpus (no --data), else 1
     assert f"1; {DEMO_EPOCHS} on the embedded demo corpus" in blocks["--epochs"]
     assert train_settings({}, {})[0].epochs == DEMO_EPOCHS
+    assert train_settings({}, {})[0].peak_lr() == DEMO_LR and f"{DEMO_LR:g} for tiny on the embedded demo" in lr
+    assert train_settings({"preset": "small"}, {})[0].peak_lr() == TrainConfig(preset="small").peak_lr()
+    assert train_settings({"lr": 5e-4}, {})[0].peak_lr() == 5e-4
     from engine.setup import schedule
 
     cfg = train_settings({"data": ["my.txt"]}, {})[0]

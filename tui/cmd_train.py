@@ -120,10 +120,10 @@ def _launch(cfg: Any, explicit: frozenset[str], front: dict[str, Any], task: Any
 
 def train_settings(given: dict[str, Any], base: dict[str, Any]) -> tuple[Any, frozenset[str]]:
     """The config of ``gpt-tui train`` from the flags given and a TOML file's settings (the embedded
-    demo corpus, with no --data, trains DEMO_EPOCHS epochs)."""
-    from engine.config import DEMO_EPOCHS, config_from_settings
+    demo corpus, with no --data, trains ``demo_defaults``: fewer epochs, a higher rate for tiny)."""
+    from engine.config import config_from_settings, demo_defaults
 
-    demo = {} if given.get("data") or base.get("data") else {"epochs": DEMO_EPOCHS}
+    demo = {} if given.get("data") or base.get("data") else demo_defaults(given.get("preset") or base.get("preset"))
     return config_from_settings(given, base, defaults=demo)
 
 
