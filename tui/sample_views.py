@@ -255,7 +255,7 @@ class TokenScreen(Screen):
         self.position: int | None = None
 
     def compose(self) -> ComposeResult:
-        yield Static("Tokens · Enter splits the text · move in the token list to see what could follow", id="tk-title")
+        yield Static("Tokens · Enter splits the text · pick a token to see what could follow", id="tk-title")
         yield PromptArea("", id="tk-text", soft_wrap=True, tab_behavior="focus")
         yield Static("", id="tk-status")
         with Horizontal(id="tk-tables"):
