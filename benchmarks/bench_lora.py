@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("GPT_TUI_SHARED_DATA") or REPO.parent / "shared" / "data")
 
-from engine.config import TrainConfig  # noqa: E402
+from engine.config import LORA_LR, TrainConfig  # noqa: E402
 from engine.instruct import InstructTask  # noqa: E402
 from engine.lora import apply_lora, count_parameters  # noqa: E402
 from engine.model import GPT, preset_config  # noqa: E402
@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--finetune-steps", type=int, default=60)
     ap.add_argument("--ft-batch", type=int, default=8)
     ap.add_argument("--full-lr", type=float, default=5e-4)
-    ap.add_argument("--lora-lr", type=float, default=2e-3)
+    ap.add_argument("--lora-lr", type=float, default=LORA_LR)
     ap.add_argument("--lora-lrs", default=None, help="comma list: LoRA finetunings at each learning rate")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--workdir", default=None)
