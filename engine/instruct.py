@@ -353,6 +353,8 @@ class InstructTask:
             ck.write_json_atomic(path, done)
             el = time.perf_counter() - t0
             eta = el / len(done) * (len(records) - len(done))
+            if budget is not None and len(done) < len(records):  # a batch starts only within the budget
+                eta = 0.0 if el > budget else min(eta, budget - el + el / math.ceil(len(done) / TEST_BATCH))
             trainer.log(f"test responses {len(done)}/{len(records)} · ETA {eta:.0f}s", "progress")
         if done:
             rest = len(records) - len(done)
