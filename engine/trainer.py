@@ -26,7 +26,7 @@ from . import setup as st
 from .commands import CommandSource, LocalCommands, LocalController
 from .config import LiveChange, TrainConfig
 from .device import autocast_factory, memory_mb, peak_flops
-from .errors import DivergenceError, GptTuiError, RankLostError
+from .errors import DivergenceError, GptTuiError, RankLostError, is_out_of_memory
 from .events import (
     ChangeEvent,
     CheckpointEvent,
@@ -402,7 +402,7 @@ class Trainer(LocalController):
             self.set_state("failed", str(err))
             if err is e:
                 raise
-            raise err from (e if not isinstance(e, torch.OutOfMemoryError) else None)
+            raise err from (e if not is_out_of_memory(e) else None)
         finally:
             close_loggers(self.loggers)
             if self.metrics is not None:
@@ -466,7 +466,7 @@ class Trainer(LocalController):
 
     def failure(self, e: BaseException) -> BaseException:
         """The error to show for one ``fit`` raised: a lost rank or out of memory in their own words."""
-        if isinstance(e, torch.OutOfMemoryError):
+        if is_out_of_memory(e):
             return st.oom_error(self.cfg, self.context, self.step, self.run_dir, self.last_checkpoint)
         lost = e if isinstance(e, GptTuiError) else self.strategy.translate_error(e)
         if isinstance(lost, RankLostError):

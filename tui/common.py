@@ -50,9 +50,9 @@ def friendly_errors(fn: F) -> F:
 
 
 def describe_exception(e: BaseException) -> str:
-    import torch
+    from engine.errors import is_out_of_memory
 
-    if isinstance(e, torch.OutOfMemoryError):
+    if is_out_of_memory(e):
         return "out of memory: lower --batch-size or --context (or raise --grad-accum to keep the effective batch)"
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {msg}"[:300]
