@@ -367,6 +367,8 @@ async def test_dashboard_shows_the_end_phase_progress_and_quits_it(tmp_path: Pat
         status = app.query_one(StatusLine).text.plain
         assert "test responses 8/40 · ETA 12s" in status, status
         assert "(end of run)" in app.query_one(StatsPane).text.plain
+        footer = {k for k, b in app.screen.active_bindings.items() if b.binding.show and b.enabled}
+        assert "p" not in footer and "q" in footer  # nothing left to pause between
         await pilot.press("q")
         assert controller.stopping
         status = app.query_one(StatusLine).text.plain

@@ -563,14 +563,14 @@ class DashboardApp(App[int]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """A read-only viewer offers no key that commands the run (they leave its footer); ``p`` is
-        ``pause`` while running, ``resume`` while paused, and absent once the run has ended."""
+        ``pause`` while running, ``resume`` while paused, and absent after the last step."""
         if self.read_only and action in commanding_actions():
             return False
         if getattr(self.screen, "app_keys", True) is False and action != "quit_run":
             return False  # a full screen of its own (the generate panel) shows only its keys
         if action in ("pause", "resume"):
-            if self.snap is not None and self.snap.state in DONE_STATES:
-                return False
+            if self.snap is not None and (self.snap.state in DONE_STATES or self.snap.state == "finishing"):
+                return False  # no steps left to pause between
             return self.controller_paused() == (action == "resume")
         return True
 
