@@ -244,3 +244,36 @@ async def test_stats_show_the_learning_rate_at_80x24(corpus: Path, tmp_path: Pat
         assert lr_row is not None and "(peak 0.003)" in lr_row, shown
         trainer.change("lr", "1e-3")  # as `s` or `gpt-tui set` would
         await until(pilot, lambda: "(peak 0.001)" in pane.text.plain, what="the new peak")
+
+
+def test_the_dashboard_draws_its_first_frame_without_torch(tmp_path: Path) -> None:
+    """`gpt-tui train` starts the app first and lets the engine thread import torch: the app, the launcher
+    and a drawn frame of the dashboard need no torch (it took 4-7 s to import on a newcomer's laptop)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import asyncio, sys
+        from engine.commands import LocalCommands
+        from engine.config import TrainConfig
+        from engine.recorder import Recorder
+        from tui.app import DashboardApp
+        from tui.launch import StartingRun
+        from tui.widgets import StatusLine
+
+        async def main():
+            run = StartingRun(TrainConfig(out={str(tmp_path / "run")!r}), LocalCommands(), None)
+            app = DashboardApp(run, Recorder(), run_dir={str(tmp_path / "run")!r})
+            async with app.run_test(size=(80, 24)) as pilot:
+                await pilot.pause(0.2)
+                print("STATUS", app.query_one(StatusLine).text.plain)
+                await pilot.press("p")  # a key before the trainer exists goes to the run's commands
+                print("PAUSED", run.paused)
+        asyncio.run(main())
+        print("TORCH", "torch" in sys.modules)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "STATUS  STARTING" in r.stdout and "PAUSED True" in r.stdout
+    assert "TORCH False" in r.stdout, r.stdout
