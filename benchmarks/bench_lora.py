@@ -7,15 +7,20 @@
 2. **Finetuning.** A small GPT with GPT-2's tokenizer is pretrained by gpt-tui's own trainer on
    tinyshakespeare (or ``--init`` one you have), then finetuned on the book's
    ``instruction-data.json``, fully and with LoRA; prints the val loss before and after.
+3. **LoRA learning rate** (``--lora-lrs 5e-4,1e-3,2e-3``): the same LoRA finetuning at each rate,
+   with finetuning's default schedule (warm-up, cosine decay to lr/10), and the val loss each ends
+   at; how ``engine.config.LORA_LR`` was chosen.
 
     python benchmarks/bench_lora.py                         # both parts, CPU
     python benchmarks/bench_lora.py --quick                 # a few steps of each, to check it runs
     python benchmarks/bench_lora.py --device cuda --batch-size 8 --seq-len 1024 --skip-finetune
+    python benchmarks/bench_lora.py --skip-timing --lora-lrs 2e-4,5e-4,1e-3,2e-3,5e-3,1e-2
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -26,10 +31,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHARED = REPO.parent / "shared" / "data"
+SHARED = Path(os.environ.get("GPT_TUI_SHARED_DATA") or REPO.parent / "shared" / "data")
 
-from engine.config import TrainConfig  # noqa: E402
-from engine.instruct import FinetuneTrainer  # noqa: E402
+from engine.config import LORA_LR, TrainConfig  # noqa: E402
+from engine.instruct import InstructTask  # noqa: E402
 from engine.lora import apply_lora, count_parameters  # noqa: E402
 from engine.model import GPT, preset_config  # noqa: E402
 from engine.recorder import Recorder  # noqa: E402
@@ -78,13 +83,16 @@ def bench_step_time(args: argparse.Namespace) -> None:
           f"full {med['full']:.3f}s, LoRA {med['lora']:.3f}s; full / LoRA = {med['full'] / med['lora']:.2f}x")
 
 
-def finetune_run(name: str, init: str, data: Path, work: Path, args: argparse.Namespace, **kw) -> tuple[float, float]:
+def finetune_run(name: str, init: str, data: Path, work: Path, args: argparse.Namespace, constant: bool = True,
+                 **kw) -> tuple[float, float]:
+    """A finetuning of ``init``; ``constant``: the book's constant rate, else finetuning's default schedule."""
+    schedule = {"warmup_steps": 0, "min_lr": kw.get("lr", 5e-5)} if constant else {}
     cfg = TrainConfig(data=[str(data)], init=init, tokenizer="gpt2", max_steps=args.finetune_steps,
                       batch_size=args.ft_batch, eval_every=max(1, args.finetune_steps // 4), eval_batches=5,
-                      sample_every="0", test_responses=0, dropout=0.0, device=args.device, warmup_steps=0,
-                      min_lr=kw.get("lr", 5e-5), out=str(work / name), **kw)
+                      sample_every="0", test_responses=0, dropout=0.0, device=args.device, seed=args.seed,
+                      out=str(work / name), **schedule, **kw)
     rec = Recorder()
-    t = FinetuneTrainer(cfg, rec)
+    t = Trainer(cfg, rec, task=InstructTask())
     t.setup()
     before = t.evaluate()[1]
     t0 = time.perf_counter()
@@ -120,9 +128,18 @@ def bench_finetune(args: argparse.Namespace) -> None:
               f"tinyshakespeare for {t.step} steps: val loss {ev.val_loss:.3f} ({time.perf_counter() - t0:.0f}s)")
         init = str(work / "pretrain")
     print(f"finetuning on {data.name} (935 train / 55 val records), batch {args.ft_batch}:")
-    finetune_run("full", init, data, work, args, lr=args.full_lr)
-    finetune_run("lora", init, data, work, args, lr=args.lora_lr, lora_rank=args.rank, lora_alpha=float(args.rank),
-                 lora_layers=args.layers)
+    if args.lora_lrs:
+        ends = {}
+        for lr in [float(v) for v in args.lora_lrs.split(",")]:
+            ends[lr] = finetune_run(f"lora-{lr:g}", init, data, work, args, constant=False, lr=lr,
+                                    lora_rank=args.rank, lora_alpha=float(args.rank), lora_layers=args.layers)[1]
+        best = min(ends, key=ends.__getitem__)
+        print(f"LoRA rank {args.rank} on {args.layers}, {args.finetune_steps} steps, default schedule: "
+              + ", ".join(f"lr {lr:g} -> {v:.3f}" for lr, v in ends.items()) + f"; lowest val loss at lr {best:g}")
+    else:
+        finetune_run("full", init, data, work, args, lr=args.full_lr)
+        finetune_run("lora", init, data, work, args, lr=args.lora_lr, lora_rank=args.rank,
+                     lora_alpha=float(args.rank), lora_layers=args.layers)
     print(f"runs in {work}")
 
 
@@ -141,7 +158,9 @@ def main() -> None:
     ap.add_argument("--finetune-steps", type=int, default=60)
     ap.add_argument("--ft-batch", type=int, default=8)
     ap.add_argument("--full-lr", type=float, default=5e-4)
-    ap.add_argument("--lora-lr", type=float, default=2e-3)
+    ap.add_argument("--lora-lr", type=float, default=LORA_LR)
+    ap.add_argument("--lora-lrs", default=None, help="comma list: LoRA finetunings at each learning rate")
+    ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--skip-finetune", action="store_true")

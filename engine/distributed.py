@@ -39,7 +39,7 @@ import torch.distributed as dist
 from .commands import LocalCommands
 from .errors import GptTuiError, RankLostError
 from .model import GPT
-from .runs import new_run_path, run_dir_of_config
+from .runs import launched_by_torchrun, new_run_path, run_dir_of_config  # noqa: F401  (the first re-exported)
 from .strategy import Strategy
 
 # How long a rank may wait for rank 0 in a command exchange or the data barrier (tokenizing a
@@ -79,11 +79,6 @@ class DistContext:
         yield
         if self.is_main:
             dist.barrier(group=self.group)
-
-
-def launched_by_torchrun() -> bool:
-    """Whether this process is one rank of several (torchrun sets WORLD_SIZE)."""
-    return world_from_env()[1] > 1
 
 
 def init_distributed(cfg: Any) -> tuple[DistContext, str | None]:

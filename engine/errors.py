@@ -45,3 +45,11 @@ class RankLostError(GptTuiError):
             return self
         return RankLostError(f"{self.problem} at step {step}; last checkpoint: {last_checkpoint or 'none written yet'}",
                              f"see torchrun's report and {run_dir}/rank-*.log, then continue with --resume {run_dir}")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is running out of memory: torch's OutOfMemoryError (GPU), or the CPU allocator's
+    RuntimeError (``DefaultCPUAllocator: can't allocate memory``), which torch raises as a plain error."""
+    if type(e).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)

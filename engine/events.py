@@ -52,6 +52,8 @@ class RunStarted(Event):
     """Live changes the resumed checkpoint already held (the history before them is this branch's)."""
     replayed: list[dict] = field(default_factory=list)
     """Live changes recorded after the resumed checkpoint, applied again at their steps."""
+    peak_lr: float | None = None
+    """The learning rate the schedule peaks at (--lr, or the preset's or finetuning's default)."""
 
 
 @dataclass

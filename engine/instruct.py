@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -308,12 +309,23 @@ class InstructTask:
         return records if limit is None else records[:limit]
 
     def end_phase_seconds(self, trainer: Trainer) -> float:
-        """Upper estimate from the samples' generation speed: every planned record at full length."""
+        """Upper estimate from the samples' generation speed: every planned record at full length,
+        or (without --test-responses) the time budget plus the batch that may overrun it."""
         n = len(self._planned(trainer))
         if not n or not self.gen_tokens_per_sec:
             return 0.0
         # a batch of TEST_BATCH runs about as fast per step as one sample: tokens/s scale with the batch
-        return n * trainer.cfg.sample_tokens / (self.gen_tokens_per_sec * min(TEST_BATCH, n) / N_SAMPLE_RECORDS)
+        per_batch = trainer.cfg.sample_tokens / (self.gen_tokens_per_sec * min(TEST_BATCH, n) / N_SAMPLE_RECORDS)
+        estimate = per_batch * math.ceil(n / TEST_BATCH)
+        if trainer.cfg.test_responses is None and trainer.step:
+            projected = trainer.train_seconds / trainer.step * trainer.total_steps
+            estimate = min(estimate, self.budget(projected) + per_batch)
+        return estimate
+
+    @staticmethod
+    def budget(train_seconds: float) -> float:
+        """How long the default end phase may answer: a quarter of the training time, at least 20 s."""
+        return max(END_PHASE_MIN_S, END_PHASE_SHARE * train_seconds)
 
     def end_phase(self, trainer: Trainer) -> None:
         """Write responses to the test split into RUN/test_responses.json, batch by batch.
@@ -325,9 +337,7 @@ class InstructTask:
         records = self._planned(trainer)
         if not records:
             return
-        budget = None
-        if trainer.cfg.test_responses is None:
-            budget = max(END_PHASE_MIN_S, END_PHASE_SHARE * trainer.train_seconds)
+        budget = self.budget(trainer.train_seconds) if trainer.cfg.test_responses is None else None
         trainer.set_state("finishing", f"answering {len(records)} test records")
         path = os.path.join(trainer.run_dir, "test_responses.json")
         done: list[dict[str, str]] = []
@@ -343,6 +353,8 @@ class InstructTask:
             ck.write_json_atomic(path, done)
             el = time.perf_counter() - t0
             eta = el / len(done) * (len(records) - len(done))
+            if budget is not None and len(done) < len(records):  # a batch starts only within the budget
+                eta = 0.0 if el > budget else min(eta, budget - el + el / math.ceil(len(done) / TEST_BATCH))
             trainer.log(f"test responses {len(done)}/{len(records)} · ETA {eta:.0f}s", "progress")
         if done:
             rest = len(records) - len(done)

@@ -132,6 +132,12 @@ def run_dir_of_config(out: str | None, resume: str | None) -> str | None:
     return None
 
 
+def launched_by_torchrun() -> bool:
+    """Whether this process is one rank of several (torchrun sets WORLD_SIZE); torch-free, so a
+    launcher can decide before importing torch."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def pid_alive(pid: int | None) -> bool:
     """Whether a process with this id exists (ours or another user's)."""
     if not pid:

@@ -26,7 +26,7 @@ from . import setup as st
 from .commands import CommandSource, LocalCommands, LocalController
 from .config import LiveChange, TrainConfig
 from .device import autocast_factory, memory_mb, peak_flops
-from .errors import DivergenceError, GptTuiError, RankLostError
+from .errors import DivergenceError, GptTuiError, RankLostError, is_out_of_memory
 from .events import (
     ChangeEvent,
     CheckpointEvent,
@@ -47,6 +47,9 @@ from .sampling import SampleSettings
 from .steps import Batches, StepReader, StepReading
 from .strategy import Strategy, strategy_for
 from .task import Task, TextTask, eval_text_size
+
+FIRST_SAMPLE_S = 10.0
+"""A run with no sample yet (and samples on) writes one after this much training, whatever the cadence."""
 
 
 @dataclass
@@ -190,7 +193,8 @@ class Trainer(LocalController):
             resumed_from=self.resumed.path if self.resumed else None, resumed_step=self.step,
             config_changes=self.config_changes, flops_per_token=self.model.flops_per_token(self.context),
             peak_flops=peak_flops(self.device, self.dtype), world_size=self.world,
-            resumed_changes=len(self.changes), replayed=[vars(c) for c in self.replay]))
+            resumed_changes=len(self.changes), replayed=[vars(c) for c in self.replay],
+            peak_lr=self.cfg.peak_lr()))
         for skipped in self.resumed.skipped if self.resumed else []:
             self.log(f"skipped damaged checkpoint {skipped}", "warning")
 
@@ -398,7 +402,7 @@ class Trainer(LocalController):
             self.set_state("failed", str(err))
             if err is e:
                 raise
-            raise err from (e if not isinstance(e, torch.OutOfMemoryError) else None)
+            raise err from (e if not is_out_of_memory(e) else None)
         finally:
             close_loggers(self.loggers)
             if self.metrics is not None:
@@ -408,16 +412,25 @@ class Trainer(LocalController):
         cfg = self.cfg
         every = [cfg.eval_every, cfg.checkpoint_every, int(cfg.sample_every) if str(cfg.sample_every).isdigit() else 0]
         return (any(n and step % n == 0 for n in every) or step % self.steps_per_epoch == 0 or step == 1
-                or step >= self.total_steps or self.commands.is_paused() or self.commands.stop_requested())
+                or step >= self.total_steps or self.commands.is_paused() or self.commands.stop_requested()
+                or self._first_sample_due())
+
+    def _first_sample_due(self) -> bool:
+        """No sample yet and :data:`FIRST_SAMPLE_S` of training done: one now, so there is text to read early."""
+        return (self.last_sample_step < 0 and str(self.cfg.sample_every) != "0"
+                and self.train_seconds >= FIRST_SAMPLE_S)
 
     def _after_step(self) -> None:
-        """Evals, samples and checkpoints due after this step."""
+        """Evals, samples and checkpoints due after this step (the first eval brings the first sample)."""
         cfg, step = self.cfg, self.step
+        evaluated = False
         if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps:
             self.evaluate()
+            evaluated = True
         every = str(cfg.sample_every)
         if (every.isdigit() and int(every) and step % int(every) == 0) or (
-                every == "epoch" and step % self.steps_per_epoch == 0):
+                every == "epoch" and step % self.steps_per_epoch == 0) or (
+                every != "0" and self.last_sample_step < 0 and (evaluated or self._first_sample_due())):
             self.task.samples(self)
             self.last_sample_step = step
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < self.total_steps:
@@ -453,7 +466,7 @@ class Trainer(LocalController):
 
     def failure(self, e: BaseException) -> BaseException:
         """The error to show for one ``fit`` raised: a lost rank or out of memory in their own words."""
-        if isinstance(e, torch.OutOfMemoryError):
+        if is_out_of_memory(e):
             return st.oom_error(self.cfg, self.context, self.step, self.run_dir, self.last_checkpoint)
         lost = e if isinstance(e, GptTuiError) else self.strategy.translate_error(e)
         if isinstance(lost, RankLostError):

@@ -226,11 +226,14 @@ def test_not_a_run_dead_run_and_stale_socket(corpus: Path, tmp_path: Path) -> No
     proc.wait(timeout=30)
     assert (out / SOCKET_NAME).exists()
 
-    for cmd in ("status", "attach"):
-        r = run_cli(cmd, str(out))
-        assert r.returncode != 0, cmd
-        assert "ended without finishing" in r.stderr and f"--resume {out}" in r.stderr, r.stderr
-        assert "Traceback" not in r.stderr
+    r = run_cli("attach", str(out))
+    assert r.returncode != 0
+    assert "ended without finishing" in r.stderr and f"--resume {out}" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_cli("status", str(out))  # a dead run: its state on stdout, exit status 3
+    assert r.returncode == 3, r
+    assert r.stdout.startswith("dead at step") and "ended without finishing" in r.stdout
+    assert f"--resume {out}" in r.stdout and "Traceback" not in r.stderr
 
     # Resuming replaces the stale socket; the new process answers.
     proc = subprocess.Popen([GPT_TUI, "train", "--headless", "--resume", str(out)], stdout=subprocess.PIPE,
@@ -243,8 +246,40 @@ def test_not_a_run_dead_run_and_stale_socket(corpus: Path, tmp_path: Path) -> No
     finally:
         if proc.poll() is None:
             proc.kill()
-    r = run_cli("status", str(out))
-    assert r.returncode != 0 and "is not running (it stopped" in r.stderr
+    r = run_cli("status", str(out))  # stopped normally: says so, exit status 0
+    assert r.returncode == 0 and r.stdout.startswith("stopped at step") and "not running" in r.stdout, r
+
+
+def test_status_of_a_finished_and_a_failed_run(corpus: Path, tmp_path: Path) -> None:
+    from engine.trainer import Trainer
+
+    from .conftest import tiny_config
+
+    done = tmp_path / "done"
+    t = Trainer(tiny_config(corpus, done, max_steps=4), None)
+    t.setup()
+    assert t.fit() == "finished"
+    r = run_cli("status", str(done))
+    assert r.returncode == 0, r
+    assert r.stdout.startswith("finished at step 4/4 (not running)") and "step-00000004.pt" in r.stdout
+
+    class Failing(Trainer):
+        def train_step(self):  # type: ignore[no-untyped-def]
+            if self.step == 2:
+                raise RuntimeError("boom")
+            return super().train_step()
+
+    failed = tmp_path / "failed"
+    t = Failing(tiny_config(corpus, failed, max_steps=10), None)
+    t.setup()
+    with pytest.raises(RuntimeError):
+        t.fit()
+    r = run_cli("status", str(failed))
+    assert r.returncode == 1, r
+    assert r.stdout.startswith("failed at step 2/10: RuntimeError: boom") and f"--resume {failed}" in r.stdout
+    r = run_cli("status", str(tmp_path))
+    assert r.returncode == 2 and "not a gpt-tui run directory" in r.stderr
+    assert "0 running, paused, finished or stopped; 1 the run failed; 3" in run_cli("status", "--help").stdout
 
 
 # ---------------------------------------------------------------------- tmux
@@ -271,7 +306,8 @@ def _wait_screen(session: str, text: str, timeout: float = 60) -> str:
 def test_detach_then_attach_in_tmux(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     session = f"gpt-tui-attach-{os.getpid()}"
-    env = f"GPT_TUI_CACHE={os.environ['GPT_TUI_CACHE']} TERM=xterm-256color OMP_NUM_THREADS=1"
+    env = (f"GPT_TUI_CACHE={os.environ['GPT_TUI_CACHE']} TERM=xterm-256color OMP_NUM_THREADS=1 "
+           f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}")  # this checkout's code, whatever tmux's server had
     args = " ".join(["train", "--data", str(corpus), *LONG_RUN, "--out", str(out), "--detach"])
     # Detach from a terminal, then hang that terminal up: the run carries on.
     _tmux("new-session", "-d", "-s", session, "-x", "200", "-y", "40", f"env {env} {GPT_TUI} {args}; sleep 60")
@@ -311,14 +347,48 @@ def test_detach_then_attach_in_tmux(corpus: Path, tmp_path: Path) -> None:
         time.sleep(0.1)
     assert "stopped:" in (out / "train.log").read_text()
 
-    # A run that has ended opens read-only.
+    # A run that has ended opens read-only, and its footer offers no command.
     try:
         _tmux("new-session", "-d", "-s", session, "-x", "140", "-y", "40",
               f"env {env} {GPT_TUI} attach {out}; echo ATTACH-EXIT=$?; sleep 60")
-        _wait_screen(session, "STOPPED")
+        screen = _wait_screen(session, "STOPPED")
+        footer = screen.rstrip().splitlines()[-1]
+        assert "q quit" in footer and not any(f"{k} " in footer for k in ("p pause", "c checkpoint", "e eval")), footer
         _tmux("send-keys", "-t", session, "p")  # refused: a read-only view has nothing to command
         _wait_screen(session, "read-only view: cannot pause")
         _tmux("send-keys", "-t", session, "q")
         _wait_screen(session, "ATTACH-EXIT=0")
     finally:
         _tmux("kill-session", "-t", session)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_leaving_a_paused_run_says_how_to_resume(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = start_headless(corpus, out)
+    session = f"gpt-tui-attach-paused-{os.getpid()}"
+    env = (f"GPT_TUI_CACHE={os.environ['GPT_TUI_CACHE']} TERM=xterm-256color OMP_NUM_THREADS=1 "
+           f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}")  # this checkout's code, whatever tmux's server had
+    try:
+        _tmux("new-session", "-d", "-s", session, "-x", "80", "-y", "24",
+              f"env {env} {GPT_TUI} attach {out}; echo ATTACH-EXIT=$?; sleep 60")
+        _wait_screen(session, "RUNNING")
+        _tmux("send-keys", "-t", session, "p")
+        screen = _wait_screen(session, "PAUSED")
+        _wait_screen(session, "p resume")  # the footer says what p does now
+        _tmux("send-keys", "-t", session, "?")
+        screen = _wait_screen(session, "close the viewer (the run goes on)")
+        assert "save a checkpoint and quit" not in screen
+        _tmux("send-keys", "-t", session, "?")  # closes the help (Esc then q would arrive as Alt+q)
+        _wait_screen(session, "PAUSED")
+        time.sleep(0.5)
+        _tmux("send-keys", "-t", session, "q")
+        screen = "".join(_wait_screen(session, "ATTACH-EXIT=0").splitlines())  # long paths wrap
+        assert "the run stays paused" in screen and f"gpt-tui resume {out}" in screen
+        assert status(out)["state"] == "paused"
+    finally:
+        _tmux("kill-session", "-t", session)
+        run_cli("stop", str(out), "--no-save")
+        if proc.wait(timeout=60) is None:
+            proc.kill()

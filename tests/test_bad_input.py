@@ -200,3 +200,28 @@ def test_generate_with_characters_outside_the_char_vocabulary(trained: Path):
 
 def test_generate_from_a_run_without_checkpoint(tmp_path: Path):
     check(run_cli("generate", str(tmp_path), "--prompt", "x"), "not a gpt-tui run directory")
+
+
+CPU_ALLOC_FAILURE = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                     "you tried to allocate 402653184 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def test_the_cpu_allocator_failing_is_out_of_memory(corpus: Path, tmp_path: Path) -> None:
+    """torch raises a plain RuntimeError when CPU memory runs out: it reads as out of memory, with settings that fit."""
+    from engine.errors import GptTuiError
+    from engine.trainer import Trainer
+    from tui.common import describe_exception
+
+    assert describe_exception(RuntimeError(CPU_ALLOC_FAILURE)).startswith("out of memory: lower --batch-size")
+    assert describe_exception(RuntimeError("something else")) == "RuntimeError: something else"
+
+    class Starved(Trainer):
+        def train_step(self):  # type: ignore[no-untyped-def]
+            if self.step == 3:
+                raise RuntimeError(CPU_ALLOC_FAILURE)
+            return super().train_step()
+
+    t = Starved(tiny_config(corpus, tmp_path / "run", max_steps=10))
+    t.setup()
+    with pytest.raises(GptTuiError, match=r"out of memory at step 4 .*--batch-size 2 --grad-accum 2"):
+        t.fit()

@@ -199,6 +199,21 @@ def test_cli_finetune_headless(tmp_path: Path, init_ckpt: Path) -> None:
     cfg = json.loads((run / "config.json").read_text())["train"]
     assert cfg["mask_prompt"] is False and cfg["lr"] == 5e-5 and cfg["dropout"] == 0.0
     assert len(json.loads((run / "test_responses.json").read_text())) == 1
+    assert "gpt-tui: test responses 1/1" in r.stderr and "test responses 1/1" not in r.stdout  # progress on stderr
+    assert ", lr 5e-05" in r.stdout.splitlines()[0]  # the start line names the learning rate
+
+
+def test_cli_lora_finetune_defaults_to_the_lora_learning_rate(tmp_path: Path, init_ckpt: Path) -> None:
+    from engine.config import LORA_LR
+
+    data = write_records(tmp_path / "data.json", make_records(40))
+    run = tmp_path / "run"
+    r = run_cli("finetune", "--init", str(init_ckpt), "--data", str(data), "--lora-rank", "4", "--max-steps", "1",
+                "--batch-size", "2", "--sample-every", "0", "--test-responses", "0", "--eval-every", "0",
+                "--eval-batches", "1", "--device", "cpu", "--headless", "--out", str(run))
+    assert r.returncode == 0, r.stderr
+    assert f", lr {LORA_LR:g}" in r.stdout.splitlines()[0] and "trainable" in r.stdout.splitlines()[0]
+    assert json.loads((run / "config.json").read_text())["train"]["lr"] == LORA_LR
     r = run_cli("generate", str(run), "--prompt", "What is 2 plus one?", "-n", "3", "--seed", "0")
     assert r.returncode == 0, r.stderr
     assert "What is 2 plus one?" not in r.stdout  # instruction-tuned: only the response
@@ -261,3 +276,100 @@ async def test_dashboard_samples_show_the_expected_output(tmp_path: Path, init_c
         trainer.stop(save=False)
         await asyncio.to_thread(engine.join, 30)
     assert not engine.is_alive()
+
+
+# ---------------------------------------------------------------- the end of a finetuning run
+@pytest.mark.slow
+def test_one_sigint_during_the_test_responses_ends_the_run_at_once(tmp_path: Path, init_ckpt: Path) -> None:
+    """A real `gpt-tui finetune`, interrupted once while it answers the test split: it exits 0 soon,
+    its final checkpoint loads, and test_responses.json holds the batches answered before the signal."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    records = make_records(400)  # 40 test records
+    data = write_records(tmp_path / "data.json", records)
+    run = tmp_path / "run"
+    exe = Path(sys.executable).parent / "gpt-tui"
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(
+            [str(exe), "finetune", "--init", str(init_ckpt), "--data", str(data), "--max-steps", "2", "--batch-size",
+             "2", "--test-responses", "40", "--sample-tokens", "200", "--sample-every", "0", "--eval-every", "0",
+             "--eval-batches", "1", "--device", "cpu", "--threads", "1", "--headless", "--out", str(run)],
+            stdout=subprocess.PIPE, stderr=err, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        try:
+            deadline = time.monotonic() + 300
+            while "test responses 8/40" not in err_path.read_text() and time.monotonic() < deadline:
+                assert proc.poll() is None, err_path.read_text()
+                time.sleep(0.1)
+            assert "test responses 8/40 · ETA" in err_path.read_text(), err_path.read_text()
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=60)
+            took = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stderr = err_path.read_text()
+    assert proc.returncode == 0, stderr
+    assert took < 20, f"{took:.1f}s from the signal to the exit"
+    assert "stopping the end-of-run work (the final checkpoint is already saved)" in stderr
+    assert "Traceback" not in stderr
+    final = run / "checkpoints" / "step-00000002.pt"
+    lm = load_for_inference(str(final), "cpu")
+    assert lm.step == 2 and lm.template == "alpaca"
+    answered = json.loads((run / "test_responses.json").read_text())
+    assert 8 <= len(answered) < 40 and len(answered) % 8 == 0
+    assert [r["instruction"] for r in answered] == [r["instruction"] for r in records[340:340 + len(answered)]]
+    assert f"wrote {len(answered)} test responses" in out and "left (stopped" in out
+
+
+def test_headless_shows_empty_responses_in_words(capsys: pytest.CaptureFixture[str]) -> None:
+    from engine.events import SampleEvent
+    from tui.headless import EMPTY_RESPONSE, ConsoleSink
+
+    sink = ConsoleSink()
+    sink.emit(SampleEvent(step=3, epoch=0, text="", prompt="Name a fruit.", expected="apple"))
+    sink.emit(SampleEvent(step=3, epoch=0, text="A pear.", prompt="Name a colour.", expected="red"))
+    out = capsys.readouterr().out
+    assert f"Name a fruit. -> {EMPTY_RESPONSE} (expected 'apple')" in out
+    assert "-> ''" not in out and "-> 'A pear.'" in out
+
+
+async def test_dashboard_shows_the_end_phase_progress_and_quits_it(tmp_path: Path) -> None:
+    """While the test responses are written: FINISHING, their progress, an ETA counting the end work; q
+    then stops that work (the final checkpoint is already saved)."""
+    from engine.commands import LocalCommands
+    from engine.events import LogEvent, RunStarted, StateEvent, StepEvent
+    from tui.app import DashboardApp
+    from tui.launch import StartingRun
+    from tui.widgets import StatsPane, StatusLine
+
+    rec = Recorder()
+    controller = StartingRun(TrainConfig(), LocalCommands(), "alpaca")
+    rec.emit(LogEvent(level="progress", message="starting the engine (importing torch)"))
+    rec.emit(RunStarted(run_dir=str(tmp_path / "run"), config={}, n_params=10, n_trainable=10, device="cpu",
+                        dtype="fp32", total_steps=4, steps_per_epoch=2))
+    rec.emit(StepEvent(step=4, epoch=1, loss=1.0, lr=1e-4, grad_norm=1.0, tokens_seen=40, tokens_per_sec=10.0,
+                       step_time=0.1, end_phase_s=60.0))
+    rec.emit(StateEvent(state="finishing", step=4, message="answering 40 test records"))
+    app = DashboardApp(controller, rec, run_dir=str(tmp_path / "run"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause(0.2)
+        status = app.query_one(StatusLine).text.plain
+        assert "FINISHING" in status and "answering 40 test records" in status, status
+        assert "importing torch" not in status
+        rec.emit(LogEvent(level="progress", message="test responses 8/40 · ETA 12s", step=4))
+        await pilot.pause(0.8)
+        status = app.query_one(StatusLine).text.plain
+        assert "test responses 8/40 · ETA 12s" in status, status
+        assert "(end of run)" in app.query_one(StatsPane).text.plain
+        footer = {k for k, b in app.screen.active_bindings.items() if b.binding.show and b.enabled}
+        assert "p" not in footer and "q" in footer  # nothing left to pause between
+        await pilot.press("q")
+        assert controller.stopping
+        status = app.query_one(StatusLine).text.plain
+        assert "final checkpoint saved" in status and len(status) <= 80, status

@@ -403,3 +403,93 @@ def test_cli_sample_needs_a_terminal(tiny_run: Path) -> None:
     assert r.returncode != 0 and "needs a terminal" in r.stderr and "gpt-tui generate" in r.stderr
     r = run_cli("sample", str(tiny_run), "--view", "nope")
     assert r.returncode != 0 and "unknown view 'nope'" in r.stderr
+
+
+# ------------------------------------------------------------------------ fitting the screen
+def assert_every_setting_fits(screen, size: tuple[int, int]) -> None:
+    """Each settings field lies inside the screen and is wide enough for its value (or placeholder)."""
+    width, height = size
+    for key in ("temperature", "top_k", "top_p", "max_new_tokens", "seed"):
+        field = screen.query_one(f"#sp-{key}", Input)
+        r = field.region
+        assert r.area and r.x >= 0 and r.right <= width and r.bottom <= height - 1, (key, r, size)
+        shown = field.value or field.placeholder
+        assert field.content_region.width >= len(shown) + 1, (key, field.content_region, shown, size)
+    eot = screen.query_one("#sp-eot")
+    assert eot.region.area and eot.region.right <= width and eot.region.bottom <= height - 1, (eot.region, size)
+    for label in screen.query(".sp-label"):
+        assert label.region.width >= len(str(label.render())), (str(label.render()), label.region, size)
+    assert screen.query_one("#sp-output-box").region.width >= (60 if width < 100 else 70), size
+
+
+def footer_words(app: App) -> dict[str, str]:
+    return {k: b.binding.description for k, b in app.screen.active_bindings.items() if b.binding.show and b.enabled}
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+async def test_standalone_panel_fits_and_says_how_to_quit(tiny_run: Path, size: tuple[int, int]) -> None:
+    lm = load_for_inference(str(tiny_run), "cpu")
+    app = SampleApp(lm, str(tiny_run))
+    async with app.run_test(size=size) as pilot:
+        await pilot.pause()
+        panel = app.panel
+        assert_every_setting_fits(panel, size)
+        assert panel.query_one("#sp-seed", Input).placeholder == "random"  # an empty seed says what it means
+        words = footer_words(app)
+        assert words.get("ctrl+q") == "Quit" and words.get("escape") == "Stop"
+        assert {"f2", "f3"} <= set(words) and "f1" not in words  # the view shown has no key to go to it
+        side = panel.query_one("#sp-side")
+        assert bool(side.region.area) == (size[0] >= 100), "the history pane beside the output only when wide"
+        await pilot.press("escape")  # idle: says how to quit
+        assert "Ctrl+Q quits" in status(panel)
+        await pilot.press("ctrl+q")
+        await wait_until(pilot, lambda: not app.is_running, what="quit")
+    assert app.return_code == 0
+
+
+async def test_narrow_panel_opens_the_history_over_the_output(tiny_run: Path) -> None:
+    lm = load_for_inference(str(tiny_run), "cpu")
+    panel = SamplePanel(ModelBackend(lm), standalone=True, settings=SampleSettings(max_new_tokens=5, seed=1))
+    async with PanelApp(panel).run_test(size=(80, 24)) as pilot:
+        await type_prompt(pilot, panel, "It")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: len(panel.history) == 1, what="a generation")
+        assert not panel.query_one("#sp-side").region.area
+        await pilot.press("ctrl+l")
+        await pilot.pause()
+        assert panel.query_one("#sp-side").region.area and panel.query_one("#sp-history").has_focus
+        await pilot.press("enter")  # recalls the newest entry and closes the history
+        await pilot.pause()
+        assert not panel.query_one("#sp-side").region.area and "recalled #1" in status(panel)
+        assert_every_setting_fits(panel, (80, 24))
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+async def test_dashboard_generate_panel_fits_and_shows_only_its_keys(corpus: Path, tmp_path: Path,
+                                                                      size: tuple[int, int]) -> None:
+    from tui.app import DashboardApp
+    from tui.launch import EngineThread
+
+    rec = Recorder()
+    trainer = Trainer(tiny_config(corpus, tmp_path / "run", max_steps=100_000, eval_every=0), rec,
+                      options=EngineOptions.interactive())
+    engine = EngineThread(trainer, rec)
+    app = DashboardApp(trainer, rec, run_dir=str(tmp_path / "run"), engine=engine)
+    try:
+        async with app.run_test(size=size) as pilot:
+            engine.start()
+            await wait_until(pilot, lambda: trainer.step > 1, what="first steps")
+            await pilot.press("g")
+            assert isinstance(app.screen, SamplePanel)
+            await pilot.pause()
+            assert_every_setting_fits(app.screen, size)
+            words = footer_words(app)
+            assert words.get("escape") == "Stop/close"
+            assert not {"f1", "f2", "f3", "ctrl+o", "p", "c", "e", "g"} & set(words), words
+            await pilot.press("p")  # typed into the prompt, not a pause
+            assert not trainer.paused and app.screen.prompt_text == "p"
+            await pilot.press("escape")
+            assert not isinstance(app.screen, SamplePanel)
+    finally:
+        trainer.stop(save=False)
+        engine.join(30)

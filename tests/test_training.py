@@ -196,3 +196,35 @@ def test_recorder_memory_stays_flat():
                            step_time=0.1))
     snap = rec.snapshot()
     assert len(snap.steps) < 256 and snap.steps[0][0] == 1 and snap.steps[-1][0] > 99_000
+
+
+def test_the_first_sample_comes_no_later_than_the_first_eval(corpus: Path, tmp_path: Path):
+    """Samples at each epoch's end would leave the screen without text for most of a first epoch:
+    the first eval brings one (and a run that evaluates late gets one after FIRST_SAMPLE_S anyway)."""
+    rec = Recorder()
+    t = Trainer(tiny_config(corpus, tmp_path / "r", max_steps=40, eval_every=7, sample_every="epoch", epochs=None), rec)
+    t.setup()
+    assert t.steps_per_epoch > 7  # the first epoch ends after the first eval
+    t.fit()
+    snap = rec.snapshot()
+    assert snap.samples and snap.evals
+    assert snap.samples[0].step <= snap.evals[0].step == 7
+    assert [s.step for s in snap.samples].count(7) == 1
+
+    quiet = Recorder()  # samples off: none early either
+    t = Trainer(tiny_config(corpus, tmp_path / "q", max_steps=10, eval_every=7, sample_every="0"), quiet)
+    t.setup()
+    t.fit()
+    assert not quiet.snapshot().samples
+
+
+def test_a_run_without_early_evals_samples_after_a_while(corpus: Path, tmp_path: Path, monkeypatch):
+    import engine.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "FIRST_SAMPLE_S", 0.0)  # "a while" is at once here
+    rec = Recorder()
+    t = Trainer(tiny_config(corpus, tmp_path / "r", max_steps=30, eval_every=0, sample_every="epoch"), rec)
+    t.setup()
+    t.fit()
+    first = rec.snapshot().samples[0]
+    assert first.step == 1 and first.step < t.steps_per_epoch

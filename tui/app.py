@@ -16,11 +16,12 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from textual import events
 from textual.app import App, ComposeResult, SystemCommand
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import Footer
+from textual.widgets import Footer, Static
 
 from engine.commands import RunController
 from engine.errors import GptTuiError
@@ -49,6 +50,10 @@ if TYPE_CHECKING:
     from .launch import EngineThread, ExitGuard
 
 PAUSING = "pausing at the next step"
+MIN_SIZE = (80, 24)
+"""The smallest terminal the dashboard is laid out for; below it a notice says so."""
+NOTE_SECONDS = 10.0
+"""How long a note of something done (checkpoint saved, eval result, resumed) stays in the status line."""
 READ_ONLY_KEYS = {"p": "pause", "c": "checkpoint", "e": "evaluate", "g": "generate", "s": "change settings",
                   "plus": "change the learning rate", "minus": "change the learning rate"}
 
@@ -86,6 +91,9 @@ class DashboardApp(App[int]):
         self.quitting = False
         self.forced = False
         self.note: tuple[str, str] = ("", "")
+        self._note_until: float | None = None  # when a note of something done leaves the status line
+        self._eval_asked: tuple[int, int] | None = None  # (evals seen, last eval step) when e was pressed
+        self._bindings_sig: tuple[bool, bool] | None = None
         self.generations: dict[int, tuple[str, int]] = {}  # request id -> (prompt, step)
         self.snap: Snapshot | None = None
         self._version = -1
@@ -124,6 +132,8 @@ class DashboardApp(App[int]):
                 system.border_title = "system"
                 yield system
         yield SamplesPane(id="samples")
+        yield Static(f"terminal too small: need {MIN_SIZE[0]}x{MIN_SIZE[1]}\n(enlarge the window; q quits)",
+                     id="too-small")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -132,10 +142,19 @@ class DashboardApp(App[int]):
         self._system_pane = self.query_one(SystemPane)
         self._system_timer = self.set_interval(SAMPLE_INTERVAL, self.sample_system, pause=True)
         self._show_system()
+        self.fit_to(self.size)
         self.poll()
         self.set_interval(self.POLL_INTERVAL, self.poll)
         if self.handle_signals:
             self._install_signals()
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.fit_to(event.size)
+
+    def fit_to(self, size: Any) -> None:
+        """Below :data:`MIN_SIZE` the panes give way to a notice (instead of vanishing one by one)."""
+        small = size.width < MIN_SIZE[0] or size.height < MIN_SIZE[1]
+        self.default_screen.set_class(small, "too-small")
 
     def on_unmount(self) -> None:
         try:
@@ -179,6 +198,10 @@ class DashboardApp(App[int]):
         self._update_samples(snap)
         self._events(snap)
         self._update_status(snap)
+        sig = (self.controller_paused(), snap.state in DONE_STATES)
+        if sig != self._bindings_sig:  # the footer's p: pause or resume, or gone
+            self._bindings_sig = sig
+            self.refresh_bindings()
         if self.engine_done(snap):
             if self.quitting:
                 self._exit_with(0)
@@ -254,9 +277,15 @@ class DashboardApp(App[int]):
         if ck is not None and ck.path != self._last_ckpt:
             first = self._last_ckpt is None and ck.reason != "requested"
             self._last_ckpt = ck.path
-            self.note = (f"saved {self.rel_to_run(ck.path)}", "cyan")
+            self.set_note(f"saved {self.rel_to_run(ck.path)}", "cyan", done=True)
             if not first or ck.reason == "requested":
                 self.notify(f"checkpoint saved: {short_path(ck.path)}", title="checkpoint", timeout=4)
+        if self._eval_asked is not None and snap.evals:
+            ev = snap.evals[-1]
+            if (len(snap.evals), ev.step) != self._eval_asked:
+                self._eval_asked = None
+                self.set_note(f"eval step {ev.step:,}: val {ev.val_loss:.4f} · train {ev.train_loss:.4f}", "cyan",
+                              done=True)
         failed = snap.failed
         if failed is not None and not self._failed_shown:
             from rich.text import Text
@@ -268,6 +297,11 @@ class DashboardApp(App[int]):
                 "press q to exit", style="bold red"))
             self.notify(failed.error, title="run failed", severity="error", timeout=30)
 
+    def set_note(self, text: str, style: str, done: bool = False) -> None:
+        """The status line's note; ``done`` (something finished) leaves after :data:`NOTE_SECONDS`."""
+        self.note = (text, style)
+        self._note_until = time.monotonic() + NOTE_SECONDS if done else None
+
     def _update_status(self, snap: Snapshot) -> None:
         state = snap.state
         start = snap.start
@@ -276,25 +310,41 @@ class DashboardApp(App[int]):
         elif state == "running" and self.controller_paused():
             state = "pausing"
         if state == "paused" and self.note[0] == PAUSING:
-            self.note = ("paused · p resumes", "yellow")
+            self.set_note("paused · p resumes", "yellow")
+        elif state == "running" and self.note[0] in (PAUSING, "paused · p resumes"):
+            self.set_note("resumed", "yellow", done=True)
+        if self._note_until is not None and time.monotonic() > self._note_until:
+            self.set_note("", "")
         note, style = self.note
         if snap.failed is not None:
             note, style = snap.failed.error, "bold red"
         elif self.quitting and state == "stopping":
-            note, style = "saving a checkpoint at the next step (q again: quit without waiting)", "yellow"
+            note, style = self.quit_note(snap), "yellow"
         elif snap.state_message and state in ("paused", "failed"):
             note, style = snap.state_message, "yellow"
         elif state in ("finished", "stopped"):
             note = (snap.state_message + " · " if snap.state_message else "") + "q exits"
         elif state == "compiling":
             note, style = "compiling the model (the first step takes a while)", "dim"
-        elif state in ("starting", "finishing"):
+        elif state == "starting":
             progress = [lg for lg in snap.logs if lg.level == "progress"]
             note, style = (progress[-1].message if progress else "setting up"), "dim"
+        elif state == "finishing":  # the end phase's own progress (not setup's)
+            progress = [lg for lg in snap.logs if lg.level == "progress" and lg.step == snap.step and snap.step]
+            note, style = (progress[-1].message if progress else snap.state_message or "finishing"), "dim"
         if self.read_only:
             note = "read-only · " + note
         run_dir = start.run_dir if start else (self.run_dir or "")
         self.query_one(StatusLine).show(state, run_dir, note, style)
+
+    @staticmethod
+    def quit_note(snap: Snapshot) -> str:
+        """What the first q (or signal) is doing, short enough for 80 columns."""
+        if snap.state == "finishing":
+            return "final checkpoint saved · q: quit now"
+        if snap.start is None:
+            return "stopping · q: quit now"
+        return "saving a checkpoint · q: quit now"
 
     def rel_to_run(self, path: str) -> str:
         """A checkpoint path relative to the run directory shown beside it."""
@@ -337,21 +387,31 @@ class DashboardApp(App[int]):
         if not self._command("pause", while_running_only=True):
             return
         paused = self.controller.toggle_pause()
-        self.note = (PAUSING if paused else "resumed", "yellow")
+        if paused:
+            self.set_note(PAUSING, "yellow")
+        else:
+            self.set_note("resumed", "yellow", done=True)
+        self.refresh_bindings()
         self.refresh_now()
+
+    def action_resume(self) -> None:
+        """The footer's ``p resume`` while paused: the same toggle."""
+        self.action_pause()
 
     def action_checkpoint(self) -> None:
         if not self._command("checkpoint"):
             return
         self.controller.request_checkpoint()
-        self.note = ("checkpoint requested", "cyan")
+        self.set_note("checkpoint requested", "cyan")
         self.refresh_now()
 
     def action_eval(self) -> None:
         if not self._command("evaluate"):
             return
+        evals = self.snap.evals if self.snap is not None else []
+        self._eval_asked = (len(evals), evals[-1].step if evals else -1)
         self.controller.request_eval()
-        self.note = ("eval requested", "cyan")
+        self.set_note("eval requested", "cyan")
         self.refresh_now()
 
     def action_generate(self) -> None:
@@ -502,9 +562,16 @@ class DashboardApp(App[int]):
             self.push_screen(HelpScreen(viewer=not self.owns_engine, controls=not self.read_only))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """A read-only viewer offers no key that commands the run (they leave its footer)."""
+        """A read-only viewer offers no key that commands the run (they leave its footer); ``p`` is
+        ``pause`` while running, ``resume`` while paused, and absent after the last step."""
         if self.read_only and action in commanding_actions():
             return False
+        if getattr(self.screen, "app_keys", True) is False and action != "quit_run":
+            return False  # a full screen of its own (the generate panel) shows only its keys
+        if action in ("pause", "resume"):
+            if self.snap is not None and (self.snap.state in DONE_STATES or self.snap.state == "finishing"):
+                return False  # no steps left to pause between
+            return self.controller_paused() == (action == "resume")
         return True
 
     def on_key(self, event: Any) -> None:
@@ -517,7 +584,12 @@ class DashboardApp(App[int]):
         self.action_quit_run()
 
     def action_quit_run(self, reason: str = "") -> None:
-        """First press: stop at the next step with a checkpoint, then exit. Second: exit now."""
+        """First press: stop at the next step with a checkpoint, then exit. Second: exit now.
+
+        In the generate panel, Ctrl+C (and Ctrl+Q) first stops a running generation, as the panel says."""
+        if not reason and getattr(self.screen, "generating", False):
+            self.screen.action_stop()
+            return
         snap = self.snap or self.recorder.snapshot()
         if not self.owns_engine or self.engine_done(snap):
             self._exit_with(0)

@@ -20,7 +20,7 @@ from . import (
     cmd_speed,
     cmd_train,
 )
-from .common import DEBUG
+from .common import DEBUG, name_metavars
 from .entry import show_version
 
 app = typer.Typer(
@@ -45,6 +45,7 @@ def _root(
 
 for _m in (cmd_train, cmd_gpt2, cmd_sample, cmd_speed, cmd_dist, cmd_prepare, cmd_runs, cmd_compare, cmd_logs):
     _m.register(app)
+name_metavars(app)
 
 
 def _take_debug(argv: list[str]) -> list[str]:

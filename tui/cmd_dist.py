@@ -9,7 +9,8 @@ import typer
 from .common import friendly_errors
 from .format import fmt_value
 
-RUN_DIR = typer.Argument(..., help="The run directory (the --out of `gpt-tui train`).", show_default=False)
+RUN_DIR = typer.Argument(..., help="The run directory (the --out of `gpt-tui train`).", show_default=False,
+                         metavar="RUN_DIR")
 WAIT = typer.Option(30.0, "--wait", help="Seconds to wait for the run to act on it (0: do not wait).")
 
 
@@ -38,6 +39,40 @@ def _status_line(st: dict[str, Any]) -> str:
     return f"{st['state']} at {steps} (pid {st['pid']}{ranks}); last checkpoint: {last}"
 
 
+STATUS_HELP = """Print the state of a run: live (running or paused), or how it ended.
+
+Exit status: 0 running, paused, finished or stopped; 1 the run failed; 3 its process died
+before finishing (continue it with --resume); 2 not a run directory."""
+STATUS_EXIT = {"finished": 0, "stopped": 0, "live": 0, "failed": 1, "dead": 3}
+"""``gpt-tui status``'s exit status for a run whose process has ended (0 while it runs)."""
+
+
+def _ended_status(run_dir: str) -> tuple[str, int]:
+    """The status line of a run with no live process, from what it wrote (metrics.jsonl), and the exit status."""
+    from engine.checkpoint import list_checkpoints
+    from engine.events import read_metrics
+    from engine.runs import RunDir
+
+    from .cmd_runs import run_state
+
+    rd = RunDir(run_dir)
+    state, step = run_state(rd.path)
+    records = read_metrics(rd.metrics)
+    total = next((r.get("total_steps") for r in reversed(records) if r.get("type") == "start"), None)
+    error = next((r.get("error") for r in reversed(records) if r.get("type") == "failed"), None)
+    ckpts = list_checkpoints(rd.path)
+    last = ckpts[-1][1] if ckpts else "none"
+    steps = f"step {step}/{total}" if total else f"step {step}"
+    resume = f"; continue it with gpt-tui train --resume {run_dir}"
+    line = {
+        "finished": f"finished at {steps} (not running); last checkpoint: {last}",
+        "stopped": f"stopped at {steps} (not running); last checkpoint: {last}{resume}",
+        "failed": f"failed at {steps}: {error or 'see its metrics.jsonl'}; last checkpoint: {last}{resume}",
+        "live": f"running at {steps}; its process is there but its control channel does not answer (yet)",
+    }.get(state, f"dead at {steps}: its process ended without finishing; last checkpoint: {last}{resume} --detach")
+    return line, STATUS_EXIT.get(state, 3)
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
 
@@ -61,13 +96,21 @@ def register(app: typer.Typer) -> None:
 
         attach_run(run_dir)
 
-    @app.command()
+    @app.command(help=STATUS_HELP)
     @friendly_errors
     def status(run_dir: str = RUN_DIR) -> None:
-        """Print the state of a running run."""
-        from engine.control import ControlClient
+        from engine.control import ControlClient, ControlError
+        from engine.runs import RunDir
 
-        print(_status_line(ControlClient(run_dir).call("status")))
+        try:
+            st = ControlClient(run_dir).call("status")
+        except ControlError:
+            if not RunDir(run_dir).is_run():
+                raise  # not a run directory: that error, exit 2
+            line, code = _ended_status(run_dir)
+            print(line)
+            raise typer.Exit(code) from None
+        print(_status_line(st))
 
     @app.command()
     @friendly_errors

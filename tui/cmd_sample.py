@@ -106,11 +106,13 @@ class SampleApp(App):
     """The sampling panel, timeline and token view over one checkpoint."""
 
     TITLE = "gpt-tui sample"
+    ENABLE_COMMAND_PALETTE = False
     BINDINGS = [
         Binding("f1", "view('sample')", "Sample", priority=True),
         Binding("f2", "view('timeline')", "Timeline", priority=True),
         Binding("f3", "view('tokens')", "Tokens", priority=True),
         Binding("ctrl+o", "open", "Open", priority=True),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
         Binding("ctrl+b", "instruction_batch", "Masked batch", show=False),
     ]
 
@@ -158,6 +160,15 @@ class SampleApp(App):
         self.timeline = TimelineScreen(self.run_dir, self.panel.read_settings, prompt=prompt,
                                        device=str(self.lm.device))
         self.install_screen(self.timeline, "timeline")
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """The footer leaves out the key of the view already shown."""
+        if action == "view" and parameters and self.is_running and self.screen.is_attached:
+            try:
+                return self.screen is not self.get_screen(str(parameters[0]))
+            except KeyError:
+                return True
+        return True
 
     async def action_view(self, name: str) -> None:
         if self.screen is not self.get_screen(name) and not isinstance(self.screen, ModalScreen):

@@ -78,7 +78,8 @@ def _front_end_parameters() -> list[inspect.Parameter]:
     kw = inspect.Parameter.KEYWORD_ONLY
     return [
         inspect.Parameter("config", kw, annotation=str, default=typer.Option(
-            None, "--config", help="TOML file of settings (flags override it).", show_default=False)),
+            None, "--config", help="TOML file of settings (flags override it).", show_default=False,
+            metavar="FILE")),
         inspect.Parameter("headless", kw, annotation=bool, default=typer.Option(
             False, "--headless", help="No dashboard: progress lines on stdout.")),
         inspect.Parameter("detach", kw, annotation=bool, default=typer.Option(
@@ -86,15 +87,19 @@ def _front_end_parameters() -> list[inspect.Parameter]:
         inspect.Parameter("web", kw, annotation=bool, default=typer.Option(
             False, "--web", help="Serve the dashboard to a browser (see `gpt-tui attach --web`).")),
         inspect.Parameter("port", kw, annotation=int, default=typer.Option(
-            8000, "--port", help="Port of --web.")),
+            8000, "--port", help="Port of --web.", metavar="N")),
         inspect.Parameter("host", kw, annotation=str, default=typer.Option(
-            "127.0.0.1", "--host", help="Address --web binds to (anyone who reaches it controls the run).")),
+            "127.0.0.1", "--host", help="Address --web binds to (anyone who reaches it controls the run).",
+            metavar="ADDRESS")),
+        # listed for --help only: tui.cli takes --debug out of the arguments before parsing (any command has it)
+        inspect.Parameter("debug", kw, annotation=bool, default=typer.Option(
+            False, "--debug", help="Show the traceback of an error instead of one line.")),
     ]
 
 
 def _settings(flags: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the settings given, the front end's options) from the parsed flags."""
-    front = {k: flags.pop(k) for k in ("config", "headless", "detach", "web", "port", "host")}
+    front = {k: flags.pop(k) for k in ("config", "headless", "detach", "web", "port", "host", "debug")}
     return flags, front
 
 
@@ -113,14 +118,22 @@ def _launch(cfg: Any, explicit: frozenset[str], front: dict[str, Any], task: Any
     run_training(cfg, explicit, task=task, headless=front["headless"], detach=front["detach"], web=web)
 
 
+def train_settings(given: dict[str, Any], base: dict[str, Any]) -> tuple[Any, frozenset[str]]:
+    """The config of ``gpt-tui train`` from the flags given and a TOML file's settings (the embedded
+    demo corpus, with no --data, trains ``demo_defaults``: fewer epochs, a higher rate for tiny)."""
+    from engine.config import config_from_settings, demo_defaults
+
+    demo = {} if given.get("data") or base.get("data") else demo_defaults(given.get("preset") or base.get("preset"))
+    return config_from_settings(given, base, defaults=demo)
+
+
 def train(**flags: Any) -> None:
     """Train a GPT. Opens the dashboard in a terminal, else runs headless."""
-    from engine.config import DEMO_EPOCHS, config_from_settings, load_toml
+    from engine.config import load_toml
 
     given, front = _settings(flags)
     base = load_toml(front["config"]) if front["config"] else {}
-    demo = {} if given.get("data") or base.get("data") else {"epochs": DEMO_EPOCHS}
-    cfg, explicit = config_from_settings(given, base, defaults=demo)
+    cfg, explicit = train_settings(given, base)
     _launch(cfg, explicit, front)
 
 

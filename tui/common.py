@@ -50,9 +50,9 @@ def friendly_errors(fn: F) -> F:
 
 
 def describe_exception(e: BaseException) -> str:
-    import torch
+    from engine.errors import is_out_of_memory
 
-    if isinstance(e, torch.OutOfMemoryError):
+    if is_out_of_memory(e):
         return "out of memory: lower --batch-size or --context (or raise --grad-accum to keep the effective batch)"
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {msg}"[:300]
@@ -65,6 +65,37 @@ WEB_PAGE_ENV = "GPT_TUI_WEB"
 def served_to_browser() -> bool:
     """Whether this process draws into a browser page (textual-serve's web driver) instead of a terminal."""
     return os.environ.get(WEB_PAGE_ENV) == "1" or os.environ.get("TEXTUAL_DRIVER", "").endswith(":WebDriver")
+
+
+METAVARS = {int: "N", float: "X", str: "TEXT"}
+
+
+def name_metavars(app: typer.Typer) -> None:
+    """Give every option and argument of ``app``'s commands a plain metavar (``N``, ``X``, ``TEXT``,
+    ``RUN_DIR``) where none is set, so ``--help`` never shows typer's ``<str>`` / ``<int>``."""
+    import inspect
+    import typing
+
+    for command in app.registered_commands:
+        fn = command.callback
+        if fn is None:
+            continue
+        try:
+            hints = typing.get_type_hints(inspect.unwrap(fn))
+        except (NameError, TypeError):
+            hints = {}
+        for name, param in inspect.signature(fn).parameters.items():
+            info = param.default
+            if not isinstance(info, typer.models.ParameterInfo) or info.metavar is not None:
+                continue
+            hint = hints.get(name, param.annotation)
+            kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+            if kinds[0] is bool:
+                continue
+            if isinstance(info, typer.models.ArgumentInfo):
+                info.metavar = name.upper()
+            else:
+                info.metavar = METAVARS.get(kinds[0], "TEXT")
 
 
 def has_terminal() -> bool:

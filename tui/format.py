@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 
+EMPTY_RESPONSE = "(empty response)"
+"""How every screen and progress line shows a model response with no text."""
+
 
 def fmt_duration(s: float) -> str:
     """90 -> 1m30s; 4000 -> 1h06m."""

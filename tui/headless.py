@@ -8,9 +8,9 @@ from typing import TextIO
 
 from engine.events import Event
 
-from .format import fmt_duration
+from .format import EMPTY_RESPONSE, fmt_duration
 
-EMPTY_RESPONSE = "(empty response)"
+__all__ = ["EMPTY_RESPONSE", "ConsoleSink"]
 
 
 class ConsoleSink:
@@ -46,9 +46,10 @@ class ConsoleSink:
             self._t0 = time.time()
             trainable = e.n_trainable if e.n_trainable and e.n_trainable != e.n_params else None  # type: ignore[attr-defined]
             tr = f" ({trainable:,} trainable)" if trainable else ""
+            lr = f", lr {e.peak_lr:g}" if e.peak_lr else ""  # type: ignore[attr-defined]
             self._print(
                 f"run {e.run_dir}: {e.n_params:,} parameters{tr}, {e.device} {e.dtype}, "  # type: ignore[attr-defined]
-                f"{e.total_steps} steps ({e.steps_per_epoch}/epoch)"  # type: ignore[attr-defined]
+                f"{e.total_steps} steps ({e.steps_per_epoch}/epoch){lr}"  # type: ignore[attr-defined]
             )
             if e.resumed_from:  # type: ignore[attr-defined]
                 self._print(f"resumed from {e.resumed_from} at step {e.resumed_step}")  # type: ignore[attr-defined]
@@ -76,7 +77,7 @@ class ConsoleSink:
                 said = repr(text[:160]) if text.strip() else EMPTY_RESPONSE
                 self._print(f"sample step {e.step}: {ask} -> {said} (expected {want!r})")
             else:
-                self._print(f"sample step {e.step}: {text[:200]}")
+                self._print(f"sample step {e.step} · epoch {e.epoch + 1}: {text[:200]}")  # type: ignore[attr-defined]
         elif t == "checkpoint":
             self._print(f"checkpoint: {e.path}")  # type: ignore[attr-defined]
         elif t == "log" and e.level in ("warning", "error", "target"):  # type: ignore[attr-defined]

@@ -31,8 +31,9 @@ class Key:
 
 DASHBOARD_KEYS: tuple[Key, ...] = (
     Key("p", "pause", "pause", "pause / resume training (at the next step boundary)", commands=True),
+    Key("p", "resume", "resume", "resume training", commands=True, display=""),  # the footer's p while paused
     Key("c", "checkpoint", "checkpoint", "write a checkpoint now", commands=True),
-    Key("g", "generate", "generate", "generate from the live weights (a panel below the charts)", commands=True),
+    Key("g", "generate", "generate", "generate from the live weights (a full-screen panel)", commands=True),
     Key("e", "eval", "eval", "evaluate train and val loss now", commands=True),
     Key("s", "settings", "set", "change the learning rate, eval interval, target ... live", commands=True),
     Key("plus", "lr_scale(2.0)", "lr x2", "double the peak learning rate", show=False, commands=True, display="+ / -"),

@@ -20,11 +20,13 @@ from typing import Any
 
 import typer
 
+from engine.commands import LocalCommands, LocalController
 from engine.config import TrainConfig
 from engine.events import LogEvent
 from engine.recorder import Recorder
 
 from .common import SignalStopper, fail, has_terminal, served_to_browser
+from .format import short_path
 
 
 class SetupCancelled(Exception):
@@ -34,20 +36,24 @@ class SetupCancelled(Exception):
 class EngineThread(threading.Thread):
     """Runs ``trainer.setup()`` then ``trainer.fit()``, keeping the result or the error.
 
-    A daemon thread, so a forced exit never waits on it; the normal exit paths stop the
-    trainer and join it, so no thread is left running.
+    Given ``make`` instead of a trainer, it builds the trainer first (importing torch there, so
+    the dashboard draws at once). A daemon thread, so a forced exit never waits on it; the normal
+    exit paths stop the trainer and join it, so no thread is left running.
     """
 
-    def __init__(self, trainer: Any, recorder: Recorder, after_setup: Callable[[], Any] | None = None) -> None:
+    def __init__(self, trainer: Any, recorder: Recorder, after_setup: Callable[[], Any] | None = None,
+                 make: Callable[[], Any] | None = None) -> None:
         super().__init__(name="gpt-tui-engine", daemon=True)
         self.trainer = trainer
+        self.make = make
         self.recorder = recorder
         self.after_setup = after_setup
         self.in_setup = True
         self.result: str | None = None
         self.error: BaseException | None = None
         self._last_progress = 0.0
-        trainer.progress = self._progress
+        if trainer is not None:
+            trainer.progress = self._progress
 
     def _progress(self, done: int, total: int) -> None:
         if self.trainer.stopping:
@@ -60,6 +66,13 @@ class EngineThread(threading.Thread):
 
     def run(self) -> None:
         try:
+            if self.trainer is None and self.make is not None:
+                self.recorder.emit(LogEvent(level="progress", message="starting the engine (importing torch)"))
+                self.trainer = self.make()
+                self.trainer.progress = self._progress
+                if self.trainer.stopping:  # quit while torch was importing: nothing to save
+                    self.result = "stopped"
+                    return
             self.trainer.setup()
             self.in_setup = False
             if self.after_setup is not None:
@@ -103,10 +116,12 @@ class ExitGuard:
 # ------------------------------------------------------------------ starting a run
 def run_training(cfg: TrainConfig, explicit: frozenset[str] | None = None, *, task: Any = None,
                  headless: bool = False, detach: bool = False, web: Any = None) -> None:
-    """Start a run with the dashboard, headless, or detached, and exit with its status."""
+    """Start a run with the dashboard, headless, or detached, and exit with its status.
+
+    The dashboard's path imports no torch before the app has drawn its first frame: the engine
+    thread imports it (and applies the process settings) while the screen already shows the run."""
     from engine.control import refuse_live_run
-    from engine.distributed import launched_by_torchrun
-    from engine.runs import run_dir_of_config
+    from engine.runs import launched_by_torchrun, run_dir_of_config
 
     refuse_live_run(run_dir_of_config(cfg.out, cfg.resume))  # one process per run directory
     if detach:
@@ -118,10 +133,10 @@ def run_training(cfg: TrainConfig, explicit: frozenset[str] | None = None, *, ta
     if web is None and not headless and not distributed and not has_terminal():
         print("gpt-tui: no terminal to draw on; running headless", file=sys.stderr)
         headless = True
-    from engine.setup import prepare_process
-
-    prepare_process(cfg)
     if headless or distributed:
+        from engine.setup import prepare_process
+
+        prepare_process(cfg)
         run_headless(cfg, explicit, task)
     else:
         run_dashboard(cfg, explicit, task, web=web)
@@ -172,19 +187,51 @@ def tokenize_progress() -> Callable[[int, int], None]:
     return progress
 
 
-def run_dashboard(cfg: TrainConfig, explicit: frozenset[str] | None, task: Any = None, web: Any = None) -> None:
-    """Train ``cfg`` under the dashboard; returns (or raises typer.Exit / the engine's error) when done."""
-    from engine.control import serve
-    from engine.runner import make_trainer
-    from engine.trainer import EngineOptions
+class StartingRun(LocalController):
+    """The dashboard's controller of a run: the trainer's own commands, taken before the trainer
+    exists (while the engine thread imports torch and builds it), then the trainer's settings."""
 
+    def __init__(self, cfg: TrainConfig, commands: LocalCommands, template: str | None) -> None:
+        self.commands = commands
+        self._cfg = cfg
+        self._template = template
+        self.trainer: Any = None
+
+    @property  # type: ignore[override]
+    def cfg(self) -> TrainConfig:
+        return self.trainer.cfg if self.trainer is not None else self._cfg
+
+    @property
+    def template(self) -> str | None:
+        return self._template
+
+
+def run_dashboard(cfg: TrainConfig, explicit: frozenset[str] | None, task: Any = None, web: Any = None) -> None:
+    """Train ``cfg`` under the dashboard; returns (or raises typer.Exit / the engine's error) when done.
+
+    The app starts first; the engine thread imports torch, applies the process settings and builds
+    the trainer, so the screen is up within a fraction of a second instead of after the import."""
     from .app import DashboardApp
 
     recorder = Recorder()
-    trainer = make_trainer(cfg, recorder, explicit=explicit, task=task, options=EngineOptions.interactive())
-    engine = EngineThread(trainer, recorder, after_setup=lambda: serve(trainer))
+    run = StartingRun(cfg, LocalCommands(), task.template if task is not None else None)
+
+    def make() -> Any:
+        from engine.control import serve
+        from engine.runner import make_trainer
+        from engine.setup import prepare_process
+        from engine.trainer import EngineOptions
+
+        prepare_process(cfg)
+        trainer = make_trainer(cfg, recorder, explicit=explicit, task=task, options=EngineOptions.interactive(),
+                               commands=run.commands)
+        run.trainer = trainer
+        engine.after_setup = lambda: serve(trainer)
+        return trainer
+
+    engine = EngineThread(None, recorder, make=make)
     guard = ExitGuard()
-    app = DashboardApp(trainer, recorder, run_dir=cfg.out, engine=engine, handle_signals=True, exit_guard=guard)
+    app = DashboardApp(run, recorder, run_dir=cfg.out, engine=engine, handle_signals=True, exit_guard=guard)
     engine.start()
     try:
         if web is not None:
@@ -193,14 +240,16 @@ def run_dashboard(cfg: TrainConfig, explicit: frozenset[str] | None, task: Any =
             app.run()
     finally:
         if engine.is_alive() and not app.forced:
-            trainer.cancel_generation()
-            trainer.stop(save=True)
-            say("gpt-tui: saving a checkpoint before exit")
+            run.cancel_generation()
+            run.stop(save=True)
+            say("gpt-tui: saving a checkpoint before exit" if run.trainer is not None and not engine.in_setup
+                else "gpt-tui: stopping")
             engine.join()
     guard.disarm()
-    last = trainer.last_checkpoint
-    if engine.result in ("stopped", "finished"):
-        say(f"gpt-tui: {engine.result} at step {trainer.step}" + (f"; checkpoint {last}" if last else ""))
+    trainer = run.trainer
+    last = trainer.last_checkpoint if trainer is not None else None
+    if engine.result in ("stopped", "finished") and trainer is not None:
+        say(f"gpt-tui: {engine.result} at step {trainer.step}" + (f"; checkpoint {short_path(last)}" if last else ""))
     if app.forced:
         say("gpt-tui: exiting now; checkpoints on disk are intact")
         os._exit(130)
@@ -230,9 +279,10 @@ def attach_run(run_dir: str) -> None:
     if served_to_browser():
         return  # a browser page (--web): stdout carries the page's protocol, and the page has closed
     if paused:
-        print(f"detached; the run stays paused. Resume it: gpt-tui resume {run_dir}   (or attach again and press p)")
+        print(f"detached; the run stays paused. Resume it (or attach again and press p):\n  gpt-tui resume {run_dir}")
     elif live:
-        print(f"detached; the run goes on. Attach again: gpt-tui attach {run_dir}   stop it: gpt-tui stop {run_dir}")
+        print(f"detached; the run goes on. Attach again, or stop it:\n  gpt-tui attach {run_dir}\n"
+              f"  gpt-tui stop {run_dir}")
 
 
 def say(line: str) -> None:

@@ -19,11 +19,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.text import Text
 from textual import events
-from textual.actions import SkipAction
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -33,9 +32,11 @@ from textual.widgets import Checkbox, Footer, Input, Label, ListItem, ListView, 
 
 from engine.commands import RunController
 from engine.errors import GptTuiError
-from engine.inference import LoadedModel
 from engine.recorder import Recorder
 from engine.sampling import SampleSettings
+
+if TYPE_CHECKING:
+    from engine.inference import LoadedModel
 
 
 # ------------------------------------------------------------------------------ backends
@@ -236,13 +237,17 @@ class PromptArea(TextArea):
 
 
 SETTING_FIELDS = (
-    # id, label, input type
-    ("temperature", "temperature", "number"),
-    ("top_k", "top-k", "integer"),
-    ("top_p", "top-p", "number"),
-    ("max_new_tokens", "max new", "integer"),
-    ("seed", "seed", "integer"),
+    # id, label, input type, row of the settings (two short rows fit 80 columns)
+    ("temperature", "temperature", "number", 0),
+    ("top_k", "top-k", "integer", 0),
+    ("top_p", "top-p", "number", 0),
+    ("max_new_tokens", "max new tokens", "integer", 1),
+    ("seed", "seed", "integer", 1),
 )
+PLACEHOLDERS = {"top_p": "off", "seed": "random"}
+"""What an empty field means, shown in it."""
+NARROW = 100
+"""Below this many columns the history pane is hidden until Ctrl+L opens it (the output keeps the width)."""
 
 
 _REQUIRED = object()
@@ -284,30 +289,40 @@ class SamplePanel(Screen):
     DEFAULT_CSS = """
     SamplePanel { layout: vertical; }
     SamplePanel #sp-title { height: 1; background: $primary; color: $text; padding: 0 1; text-style: bold; }
-    SamplePanel #sp-body { height: 1fr; }
+    SamplePanel #sp-body { height: 1fr; layers: base overlay; }
     SamplePanel #sp-main { width: 1fr; }
-    SamplePanel #sp-prompt { height: 6; }
-    SamplePanel #sp-settings { height: 4; }
-    SamplePanel .sp-field { width: 1fr; min-width: 10; height: 4; }
-    SamplePanel .sp-field Label { height: 1; padding: 0 1; color: $text-muted; }
-    SamplePanel .sp-field Input { height: 3; }
-    SamplePanel #sp-eot { width: auto; height: 3; margin-top: 1; }
+    SamplePanel #sp-prompt { height: 5; }
+    SamplePanel .sp-row { height: 1; margin: 0 1; }
+    SamplePanel .sp-row Label { height: 1; width: auto; padding: 0 1 0 0; color: $text-muted; }
+    SamplePanel .sp-row Input { height: 1; border: none; padding: 0 1; margin: 0 2 0 0; background: $boost; }
+    SamplePanel .sp-row Input:focus { background: $accent 40%; }
+    SamplePanel #sp-temperature, SamplePanel #sp-top_k, SamplePanel #sp-top_p { width: 9; }
+    SamplePanel #sp-max_new_tokens { width: 11; }
+    SamplePanel #sp-seed { width: 12; }
+    SamplePanel #sp-eot { height: 1; width: auto; border: none; padding: 0; background: transparent; }
+    SamplePanel #sp-eot:focus { background: $accent 40%; }
     SamplePanel #sp-status { height: auto; max-height: 3; padding: 0 1; }
     SamplePanel #sp-status.error { color: $error; }
     SamplePanel #sp-output-box { height: 1fr; border: round $primary-darken-2; }
     SamplePanel #sp-output { padding: 0 1; }
     SamplePanel #sp-side { width: 40; border-left: vkey $primary-darken-2; }
+    SamplePanel.narrow #sp-side { display: none; width: 40; max-width: 70%; dock: right; layer: overlay;
+                                  background: $surface; }
+    SamplePanel.narrow.history-open #sp-side { display: block; }
     SamplePanel #sp-side Label { padding: 0 1; text-style: bold; }
     SamplePanel #sp-history { height: 1fr; }
     """
 
     BINDINGS = [
-        Binding("ctrl+c", "stop", "Stop", priority=True),
+        Binding("ctrl+c", "stop", "Stop", priority=True, show=False),
         Binding("escape", "escape", "Stop/close", priority=True),
-        Binding("ctrl+r", "generate", "Generate"),
+        Binding("escape", "escape_standalone", "Stop", priority=True),  # `gpt-tui sample`: nothing to close
+        Binding("ctrl+r", "generate", "Generate", show=False),
         Binding("ctrl+l", "focus_history", "History"),
-        Binding("ctrl+s", "save_history", "Save history"),
+        Binding("ctrl+s", "save_history", "Save"),
     ]
+    app_keys = False
+    """The dashboard's own keys (pause, checkpoint ...) leave the footer while the panel is up."""
 
     POLL_SECONDS = 0.1
 
@@ -354,12 +369,16 @@ class SamplePanel(Screen):
                 yield PromptArea(self.initial_prompt, id="sp-prompt", soft_wrap=True, show_line_numbers=False,
                                  tab_behavior="focus")
                 values = settings_values(self.initial_settings)
-                with Horizontal(id="sp-settings"):
-                    for key, label, kind in SETTING_FIELDS:
-                        with Vertical(classes="sp-field"):
-                            yield Label(label)
-                            yield Input(values[key], id=f"sp-{key}", type=kind)
-                    yield Checkbox("stop at end-of-text", self.initial_settings.stop_at_eot, id="sp-eot")
+                for row in (0, 1):
+                    with Horizontal(classes="sp-row", id=f"sp-settings-{row}"):
+                        for key, label, kind, r in SETTING_FIELDS:
+                            if r == row:
+                                yield Label(label, classes="sp-label")
+                                yield Input(values[key], id=f"sp-{key}", type=kind, compact=True,
+                                            placeholder=PLACEHOLDERS.get(key, ""))
+                        if row == 1:
+                            yield Checkbox("stop at end-of-text", self.initial_settings.stop_at_eot, id="sp-eot",
+                                           compact=True)
                 yield Static("Enter generates · Ctrl+J new line · Ctrl+C/Esc stops", id="sp-status")
                 with VerticalScroll(id="sp-output-box"):
                     yield Static("", id="sp-output")
@@ -378,6 +397,10 @@ class SamplePanel(Screen):
     def on_mount(self) -> None:
         self.query_one("#sp-prompt", PromptArea).focus()
         self.set_interval(self.POLL_SECONDS, self._poll)
+        self.set_class(self.app.size.width < NARROW, "narrow")
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.set_class(event.size.width < NARROW, "narrow")
 
     def on_unmount(self) -> None:
         if self.generating:
@@ -388,7 +411,7 @@ class SamplePanel(Screen):
         """The settings in the fields (raises GptTuiError naming a bad one)."""
         if not self.is_mounted:
             return self._settings
-        values = {key: self.query_one(f"#sp-{key}", Input).value for key, _, _ in SETTING_FIELDS}
+        values = {key: self.query_one(f"#sp-{key}", Input).value for key, *_ in SETTING_FIELDS}
         return parse_settings(values, self.query_one("#sp-eot", Checkbox).value)
 
     def apply_settings(self, s: SampleSettings) -> None:
@@ -509,13 +532,33 @@ class SamplePanel(Screen):
     def action_escape(self) -> None:
         if self.generating:
             self.action_stop()
+        elif self.has_class("history-open"):
+            self.action_focus_history()  # closes the history over a narrow panel
         elif not self.standalone:
             self.dismiss()
         else:
-            raise SkipAction()
+            self.show_message("nothing is running · Ctrl+Q quits")
 
     def action_focus_history(self) -> None:
-        self.query_one("#sp-history", ListView).focus()
+        """Ctrl+L: to the history (on a narrow screen it opens beside the output; Ctrl+L again closes it)."""
+        if self.has_class("narrow") and self.has_class("history-open"):
+            self.remove_class("history-open")
+            self.query_one("#sp-prompt", PromptArea).focus()
+            return
+        self.add_class("history-open")
+        history = self.query_one("#sp-history", ListView)
+        if history.index is None and self.history:
+            history.index = len(self.history) - 1  # Enter recalls the newest at once
+        history.focus()
+
+    def action_escape_standalone(self) -> None:
+        self.action_escape()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Esc's word in the footer: Stop/close inside the dashboard, Stop in ``gpt-tui sample``."""
+        if action in ("escape", "escape_standalone"):
+            return (action == "escape_standalone") == self.standalone
+        return True
 
     def on_list_view_selected(self, event: ListView.Selected) -> None:
         if event.item is None or event.item.name is None:
@@ -532,6 +575,7 @@ class SamplePanel(Screen):
         area.text = e.prompt
         area.move_cursor(area.document.end)
         self.apply_settings(e.settings)
+        self.remove_class("history-open")
         self._prompt, self._output, self._settings, self._tps, self._note = e.prompt, e.output, e.settings, e.tokens_per_sec, None
         self._render_output()
         self.show_message(f"recalled #{index + 1}: change the settings and press Enter to run it again")

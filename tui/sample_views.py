@@ -33,6 +33,7 @@ from engine.inspect_tokens import (
 )
 from engine.sampling import SampleSettings
 
+from .format import EMPTY_RESPONSE
 from .sample_panel import PromptArea, describe_settings
 
 SettingsFn = Callable[[], SampleSettings]
@@ -40,8 +41,8 @@ SettingsFn = Callable[[], SampleSettings]
 
 def _entry_widget(e: TimelineEntry) -> Static:
     head = Text(f"step {e.step}", style="bold")
-    if e.epoch is not None:
-        head.append(f" · epoch {e.epoch}")
+    if e.epoch is not None:  # stored from 0, shown from 1 as everywhere else
+        head.append(f" · epoch {e.epoch + 1}")
     head.append(f" · val loss {e.val_loss:.3f}" if e.val_loss is not None else " · val loss -")
     head.append(" · sampled from its checkpoint" if e.kind == "checkpoint" else " · recorded during training",
                 style="cyan" if e.kind == "checkpoint" else "magenta")
@@ -50,7 +51,7 @@ def _entry_widget(e: TimelineEntry) -> Static:
         body.append(e.error, style="red")
     else:
         body.append(e.prompt, style="dim")
-        body.append(e.text)
+        body.append(e.text if e.text.strip() else EMPTY_RESPONSE, style="" if e.text.strip() else "dim italic")
     return Static(head + body, classes=f"tl-entry tl-{e.kind}")
 
 
@@ -254,7 +255,7 @@ class TokenScreen(Screen):
         self.position: int | None = None
 
     def compose(self) -> ComposeResult:
-        yield Static("Tokens · Enter splits the text · move in the token list to see what could follow", id="tk-title")
+        yield Static("Tokens · Enter splits the text · pick a token to see what could follow", id="tk-title")
         yield PromptArea("", id="tk-text", soft_wrap=True, tab_behavior="focus")
         yield Static("", id="tk-status")
         with Horizontal(id="tk-tables"):

@@ -26,7 +26,7 @@ from textual_plotext import PlotextPlot
 from engine.recorder import Snapshot, StepPoint
 from engine.runs import FINAL_STATES
 
-from .format import axis_scale, clip_left, fmt_count, fmt_duration, short_path
+from .format import EMPTY_RESPONSE, axis_scale, clip_left, fmt_count, fmt_duration, short_path
 from .keys import help_rows
 from .live import target_row
 
@@ -205,7 +205,8 @@ class Chart(PlotextPlot):
         return f"{v:.3g}{unit}"
 
     def subtitle(self, unit: str) -> str:
-        return f"x: {unit + ' ' if unit else ''}{self.axis}"
+        """What the x axis counts (a tokens axis's ticks carry their own unit: 12k, 1.2M)."""
+        return f"x: {self.axis}"
 
 
 @dataclass(frozen=True)
@@ -266,7 +267,7 @@ class LossChart(Chart):
     def subtitle(self, unit: str) -> str:
         log = " · log y" if self.log_y else ""
         extra = f" · {self.extra_label}" if self.extra and self.extra_label else ""
-        return f"[cyan]train (smoothed)[/] [yellow]• val[/]{extra} · x: {unit + ' ' if unit else ''}{self.axis}{log}"
+        return f"[cyan]train (smoothed)[/] [yellow]• val[/]{extra} · x: {self.axis}{log}"
 
 
 class LRChart(Chart):
@@ -310,16 +311,23 @@ def bpb_factor(evals: Sequence[Any]) -> float | None:
 
 @dataclass
 class RunClock:
-    """Throughput and ETA from the snapshots the UI sees (time spent paused left out)."""
+    """Throughput and ETA from the snapshots the UI sees (time spent paused left out).
+
+    The ETA counts the steps left at the speed so far plus the work after the last step that the
+    engine announces (``StepEvent.end_phase_s``: a finetuning's test responses); while that work
+    runs it counts down from the announced time. Paused, it stands still and says so.
+    """
 
     first: tuple[float, int, int] | None = None  # (time, step, tokens) of the first step seen
     paused_since: float | None = None
     paused_total: float = 0.0
+    finishing_since: float | None = None
     tps_now: float = 0.0
+    now: float = 0.0
     _last_step_time: float = field(default=0.0, repr=False)
 
     def update(self, snap: Snapshot, now: float | None = None) -> None:
-        now = time.time() if now is None else now
+        now = self.now = time.time() if now is None else now
         last = snap.last_step
         state = snap.state
         if state == "paused" and self.paused_since is None:
@@ -327,6 +335,8 @@ class RunClock:
         elif state != "paused" and self.paused_since is not None:
             self.paused_total += now - self.paused_since
             self.paused_since = None
+        if state == "finishing" and self.finishing_since is None:
+            self.finishing_since = now
         if last is None:
             return
         if self.first is None:
@@ -349,7 +359,8 @@ class RunClock:
             return None
         return (last.tokens_seen - self.first[2]) / dt
 
-    def eta(self, snap: Snapshot) -> float | None:
+    def steps_eta(self, snap: Snapshot) -> float | None:
+        """Seconds the steps still to go take at the speed so far (None before two steps are seen)."""
         last, start = snap.last_step, snap.start
         if self.first is None or last is None or start is None:
             return None
@@ -358,15 +369,56 @@ class RunClock:
             return None
         return self.active(snap) / done * max(0, start.total_steps - last.step)
 
+    def eta(self, snap: Snapshot) -> float | None:
+        """Seconds left: the steps to go at the speed so far, plus the end-of-run work announced."""
+        last = snap.last_step
+        if self.first is None or last is None or snap.start is None:
+            return None
+        end_phase = max(0.0, last.end_phase_s)
+        if snap.state == "finishing":
+            return max(0.0, end_phase - (self.now - (self.finishing_since or self.now)))
+        steps = self.steps_eta(snap)
+        return None if steps is None else steps + end_phase
+
+    def eta_text(self, snap: Snapshot) -> str:
+        """The ETA row: ``-`` before the first steps and after the end, marked while paused."""
+        eta = self.eta(snap)
+        if snap.state in DONE_STATES or eta is None:
+            return "-"
+        if snap.state == "paused":
+            return f"{fmt_duration(eta)} (paused)"
+        if snap.state == "finishing":
+            return f"{fmt_duration(eta)} (end of run)" if eta > 0 else "end of run"
+        return fmt_duration(eta)
+
+
+def epoch_text(step: int, steps_per_epoch: int, total_steps: int) -> str:
+    """``2/3``: the epoch (from 1) in which step ``step`` was trained, as the events count it
+    (``Trainer.epoch_of_step``), of the run's epochs."""
+    spe = max(1, steps_per_epoch)
+    n_epochs = max(1, math.ceil(total_steps / spe)) if total_steps else 1
+    return f"{max(0, step - 1) // spe + 1}/{n_epochs}"
+
 
 def seconds_per_step(snap: Snapshot, clock: RunClock) -> float | None:
     """The run's current seconds per step, as its ETA counts them (else the last step's time)."""
     start, last = snap.start, snap.last_step
-    eta = clock.eta(snap)
+    eta = clock.steps_eta(snap)
     left = (start.total_steps - last.step) if start is not None and last is not None else 0
     if eta is not None and left > 0:
         return eta / left
     return last.step_time if last is not None else None
+
+
+def lr_text(snap: Snapshot) -> str:
+    """The learning rate now and the peak the schedule goes to (after live changes of it)."""
+    start, last = snap.start, snap.last_step
+    peak = start.peak_lr if start else None
+    for c in snap.changes:
+        if c.setting == "lr" and isinstance(c.new, (int, float)):
+            peak = float(c.new)
+    now = f"{last.lr:.2e}" if last else "-"
+    return f"{now} (peak {peak:g})" if peak else now
 
 
 def stats_rows(snap: Snapshot, clock: RunClock, bpb: bool = False) -> list[tuple[str, str]]:
@@ -379,8 +431,7 @@ def stats_rows(snap: Snapshot, clock: RunClock, bpb: bool = False) -> list[tuple
     rows: list[tuple[str, str]] = []
     pct = f" ({100 * step / total:.0f}%)" if total else ""
     rows.append(("step", f"{step:,}/{total:,}{pct}" if total else f"{step:,}"))
-    n_epochs = max(1, math.ceil(total / spe)) if total else 1
-    rows.append(("epoch", f"{(last.epoch if last else 0) + 1}/{n_epochs}"))
+    rows.append(("epoch", epoch_text(step, spe, total) if start else "-"))
     if last:
         steps = snap.steps
         smooth = ema([p.loss for p in steps[-50:]], 0.9)[-1] if steps else last.loss
@@ -404,9 +455,7 @@ def stats_rows(snap: Snapshot, clock: RunClock, bpb: bool = False) -> list[tuple
     mfu = last.mfu if last else None
     rows.append(("MFU", f"{100 * mfu:.1f}%" if mfu is not None else "-"))
     rows.append(("step time", f"{1000 * last.step_time:,.0f} ms" if last else "-"))
-    eta = clock.eta(snap)
-    state = snap.state
-    rows.append(("ETA", "-" if state in DONE_STATES or eta is None else fmt_duration(eta)))
+    rows.append(("ETA", clock.eta_text(snap)))
     target = target_row(snap, seconds_per_step(snap, clock))
     if target is not None:
         rows.append(target)
@@ -416,11 +465,12 @@ def stats_rows(snap: Snapshot, clock: RunClock, bpb: bool = False) -> list[tuple
         rows.append(("params", fmt_count(start.n_params) + (f" ({fmt_count(start.n_trainable)} train)" if trainable else "")))
     else:
         rows.append(("params", "-"))
+    rows.append(("lr", lr_text(snap)))
     mem = last.memory_mb if last else None
-    rows.append(("memory", f"{mem / 1024:.2f} GB" if mem is not None else "-"))
+    if not start or start.device != "cpu":  # GPU/MPS memory: nothing to show on a CPU
+        rows.append(("memory", f"{mem / 1024:.2f} GB" if mem is not None else "-"))
     # below: seen when the pane is taller than 80x24 gives it
     rows.append(("tokens", fmt_count(last.tokens_seen) if last else "-"))
-    rows.append(("lr", f"{last.lr:.2e}" if last else "-"))
     rows.append(("grad norm", f"{last.grad_norm:.3f}" if last else "-"))
     if evals:
         rows.append(("best val", f"{min(e.val_loss for e in evals):.4f}"))
@@ -520,7 +570,10 @@ def sample_text(step: int, epoch: int, prompt: str, text: str, expected: str | N
     if expected is not None:  # instruction finetuning: instruction, response, expected response
         t.append(prompt + "\n", style="bold")
         t.append("→ ", style="dim")
-        t.append((text or "(empty)") + "\n")
+        if text.strip():
+            t.append(text + "\n")
+        else:
+            t.append(EMPTY_RESPONSE + "\n", style="dim italic")
         t.append("expected: ", style="dim")
         t.append(expected, style="green")
         return t
@@ -555,13 +608,18 @@ class HelpScreen(ModalScreen[None]):
         self.rows = help_rows(viewer, controls)
 
     def compose(self) -> ComposeResult:
+        import textwrap
+
         width = max(len(k) for k, _ in self.rows) + 2
-        body = Text("Keys\n\n", style="bold")
-        for k, what in self.rows:
+        room = max(20, min(100, self.app.size.width - 4) - width)  # inside the border and padding
+        body = Text("Keys", style="bold")
+        body.append("  (Esc closes)\n", style="dim")
+        for i, (k, what) in enumerate(self.rows):
             body.append(f"{k:<{width}}", style="bold cyan")
-            body.append(what + "\n")
-        body.append("\nEsc closes", style="dim")
-        yield Static(body, id="help-box")
+            body.append(textwrap.fill(what, room, subsequent_indent=" " * width)
+                        + ("\n" if i < len(self.rows) - 1 else ""))
+        with VerticalScroll(id="help-scroll"):  # scrolls where the terminal is shorter than the table
+            yield Static(body, id="help-box")
 
     def action_close(self) -> None:
         self.dismiss(None)
