@@ -60,6 +60,7 @@ def restore(t: Trainer, c: ck.Checkpoint) -> None:
     if t.scaler and c.scaler:
         t.scaler.load_state_dict(c.scaler)
     t.step, t.tokens_seen, t.best_val = c.step, c.tokens_seen, c.best_val
+    t.last_sample_step = c.step  # the early first sample is a new run's: a resumed one keeps its schedule
     if c.world_size == t.world and c.rng:
         ck.set_rng_state(c.rng)
     t.guard.load(c.guard)
