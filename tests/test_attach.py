@@ -351,7 +351,8 @@ def test_detach_then_attach_in_tmux(corpus: Path, tmp_path: Path) -> None:
     try:
         _tmux("new-session", "-d", "-s", session, "-x", "140", "-y", "40",
               f"env {env} {GPT_TUI} attach {out}; echo ATTACH-EXIT=$?; sleep 60")
-        screen = _wait_screen(session, "STOPPED")
+        _wait_screen(session, "STOPPED")
+        screen = _wait_screen(session, "q quit")  # the footer may come a frame after the status line
         footer = screen.rstrip().splitlines()[-1]
         assert "q quit" in footer and not any(f"{k} " in footer for k in ("p pause", "c checkpoint", "e eval")), footer
         _tmux("send-keys", "-t", session, "p")  # refused: a read-only view has nothing to command
