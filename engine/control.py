@@ -51,6 +51,8 @@ if TYPE_CHECKING:
     from .sampling import SampleSettings
 
 MAX_SOCKET_PATH = 100  # sun_path holds 104-108 bytes depending on the OS
+BATCH_S = 0.2
+"""Events go to a viewer in batches at most this many seconds apart."""
 
 
 class ControlError(GptTuiError):
@@ -138,14 +140,28 @@ class _Subscriber:
             self.on_drop(self)
 
     def _run(self) -> None:
+        """Send what is queued in batches, at most ``BATCH_S`` apart: a viewer (and this thread) wakes a
+        few times a second, not at every step, which on a busy CPU would stall the training threads."""
+        first = True
         while self.alive:
-            line = self.q.get()
-            if line is None:
-                break
+            lines = [self.q.get()]
+            if not first:
+                time.sleep(BATCH_S)
+            first = False
+            while True:
+                try:
+                    lines.append(self.q.get_nowait())
+                except queue.Empty:
+                    break
+            end = None in lines
+            data = b"".join(line for line in lines[: lines.index(None)] if line) if end else b"".join(lines)
             try:
-                with self.lock:
-                    self.conn.sendall(line)
+                if data:
+                    with self.lock:
+                        self.conn.sendall(data)
             except OSError:
+                break
+            if end:
                 break
         self.drop()
 

@@ -81,7 +81,7 @@ def serve_generation(req: GenerateRequest, template: str | None, generate_text: 
         emit(GenerateEvent(request_id=req.request_id, text="", prompt=req.prompt, note=text))
 
     try:
-        generate_text(prompt, req.settings, on_token, note)
+        generate_text(prompt, req.settings, on_token, note, cancellable=True)
     except GptTuiError as e:
         emit(GenerateEvent(request_id=req.request_id, text="", prompt=req.prompt, done=True, error=str(e)))
         return

@@ -304,14 +304,17 @@ class Trainer(LocalController):
         return val_loss * n_tok / (n_bytes * math.log(2)) if n_bytes else None
 
     def generate_text(self, prompt: str, settings: SampleSettings, on_token: Callable[[str], None] | None = None,
-                      note: Callable[[str], None] | None = None) -> str:
-        """Generate from the live weights without disturbing training (own RNG, eval mode, no grad)."""
+                      note: Callable[[str], None] | None = None, cancellable: bool = False) -> str:
+        """Generate from the live weights without disturbing training (own RNG, eval mode, no grad).
+
+        ``cancellable``: a user's generation, which their cancel stops (the run's own samples are not).
+        """
         ids, cut = encode_prompt(self.tokenizer, prompt, self.model.cfg.context_length)
         if cut and note:
             note(cut)
         pieces = []
-        for piece in stream_text(self.model, self.tokenizer, ids, settings, self.commands.generation_cancelled,
-                                 self.autocast):
+        stop = self.commands.generation_cancelled if cancellable else None
+        for piece in stream_text(self.model, self.tokenizer, ids, settings, stop, self.autocast):
             pieces.append(piece)
             if on_token is not None:
                 on_token(piece)

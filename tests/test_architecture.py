@@ -30,6 +30,7 @@ TUI_LAYERS = [
     ["format", "keys", "common", "entry", "forecast", "live"],
     ["widgets", "headless", "sample_panel", "sample_views", "system", "steer"],
     ["app", "compare", "web"],
+    ["engine_process"],
     ["launch", "detach"],
     ["cmd_train", "cmd_gpt2", "cmd_sample", "cmd_speed", "cmd_dist", "cmd_prepare", "cmd_runs", "cmd_logs",
      "cmd_export", "cmd_compare"],

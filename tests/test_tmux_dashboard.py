@@ -161,8 +161,54 @@ def test_signal_saves_a_checkpoint_and_exits(how: str, corpus: Path, tmp_path: P
         else:
             term.tmux("kill-session", "-t", term.session)
             wait_for(lambda: not alive(pid), 30, "the process to end after the hang-up")
+            wait_for(lambda: records(run, "state")[-1]["state"] == "stopped", 30, "the engine's stop")
         stops = [r for r in records(run, "checkpoint") if r["reason"] == "stop"]
         assert len(stops) == 1 and Path(stops[0]["path"]).exists()
         assert records(run, "state")[-1]["state"] == "stopped"
+    finally:
+        term.close()
+
+
+def engine_pid(run: Path, ui_pid: int, timeout: float = 60) -> int:
+    """The training process's pid from the run's control.json (the dashboard's engine runs apart)."""
+    import json
+
+    wait_for(lambda: (run / "control.json").exists(), timeout, "the engine's control channel")
+    pid = int(json.loads((run / "control.json").read_text())["pid"])
+    assert pid != ui_pid, "the engine trains in a process of its own"
+    return pid
+
+
+def test_the_engine_outlives_a_killed_dashboard_only_to_save(corpus: Path, tmp_path: Path) -> None:
+    """kill -9 of the dashboard: its engine process notices, writes a checkpoint and ends."""
+    run, pid_file = tmp_path / "run", tmp_path / "pid"
+    term = Terminal("gpt-tui-kill")
+    try:
+        term.start(train_command(corpus, run, pid_file))
+        term.wait(r"loss\s+\d+\.\d{4}")
+        ui = int(pid_file.read_text())
+        engine = engine_pid(run, ui)
+        os.kill(ui, signal.SIGKILL)
+        wait_for(lambda: not alive(engine), 30, "the engine to end after its dashboard")
+        assert records(run, "state")[-1]["state"] == "stopped"
+        assert [r for r in records(run, "checkpoint") if r["reason"] == "stop"]
+    finally:
+        term.close()
+
+
+def test_a_setup_error_is_one_line_after_the_screen(tmp_path: Path) -> None:
+    """Bad input found by the engine (here: text shorter than the context) is one line once the screen is gone."""
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    term = Terminal("gpt-tui-setup-error")
+    env = f"GPT_TUI_CACHE={os.environ['GPT_TUI_CACHE']} TERM=xterm-256color"
+    try:
+        term.start(f"clear; env -u COLUMNS -u LINES {env} {GPT_TUI} train --data {short} --out {tmp_path / 'run'}; "
+                   "echo DASH-EXIT=$?; sleep 60")
+        term.wait(r"DASH-EXIT=2", timeout=90)
+        text = "".join(ln for ln in term.screen().splitlines() if ln.strip())  # the line wraps at 80 columns
+        assert text.startswith("gpt-tui: error: train split has") and text.endswith("DASH-EXIT=2"), text
+        assert text.count("gpt-tui:") == 1, text
+        assert "Traceback" not in term.screen() and "RUNNING" not in term.screen()
     finally:
         term.close()

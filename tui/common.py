@@ -6,6 +6,7 @@ import functools
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -152,3 +153,30 @@ class SignalStopper:
     def __exit__(self, *exc: Any) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+def signal_note(trainer: Any) -> str:
+    """What the first signal does now, in words."""
+    if trainer.state == "finishing":
+        return "stopping the end-of-run work (the final checkpoint is already saved)"
+    return "saving a checkpoint at the next step"
+
+
+def tokenize_progress() -> Callable[[int, int], None]:
+    """A progress bar on stderr for tokenizing corpora of 4 MB or more."""
+    state = {"last": 0.0, "shown": False}
+
+    def progress(done: int, total: int) -> None:
+        now = time.time()
+        if done < total and now - state["last"] < 0.5:
+            return
+        state["last"] = now
+        if total > 4 << 20 or state["shown"]:
+            state["shown"] = True
+            width = 30
+            filled = int(width * done / max(1, total))
+            end = "\n" if done >= total else "\r"
+            print(f"tokenizing [{'#' * filled}{'.' * (width - filled)}] {done / 2**20:.1f}/{total / 2**20:.1f} MB",
+                  end=end, file=sys.stderr, flush=True)
+
+    return progress

@@ -25,7 +25,7 @@ from engine.config import TrainConfig
 from engine.events import LogEvent
 from engine.recorder import Recorder
 
-from .common import SignalStopper, fail, has_terminal, served_to_browser
+from .common import SignalStopper, fail, has_terminal, served_to_browser, signal_note, tokenize_progress
 from .format import short_path
 
 
@@ -142,12 +142,6 @@ def run_training(cfg: TrainConfig, explicit: frozenset[str] | None = None, *, ta
         run_dashboard(cfg, explicit, task, web=web)
 
 
-def _signal_note(trainer: Any) -> str:
-    if trainer.state == "finishing":
-        return "stopping the end-of-run work (the final checkpoint is already saved)"
-    return "saving a checkpoint at the next step"
-
-
 def run_headless(cfg: TrainConfig, explicit: frozenset[str] | None, task: Any = None) -> None:
     from engine.control import serve
     from engine.distributed import launched_by_torchrun, leave
@@ -157,7 +151,7 @@ def run_headless(cfg: TrainConfig, explicit: frozenset[str] | None, task: Any = 
 
     trainer = make_trainer(cfg, ConsoleSink(), explicit=explicit, task=task)
     trainer.progress = tokenize_progress()
-    with SignalStopper(lambda: trainer.stop(save=True), lambda: _signal_note(trainer)):
+    with SignalStopper(lambda: trainer.stop(save=True), lambda: signal_note(trainer)):
         trainer.setup()
         serve(trainer)
         state = trainer.fit()
@@ -165,26 +159,6 @@ def run_headless(cfg: TrainConfig, explicit: frozenset[str] | None, task: Any = 
         leave()
     if state == "stopped":
         raise typer.Exit(0)
-
-
-def tokenize_progress() -> Callable[[int, int], None]:
-    """A progress bar on stderr for tokenizing corpora of 4 MB or more."""
-    state = {"last": 0.0, "shown": False}
-
-    def progress(done: int, total: int) -> None:
-        now = time.time()
-        if done < total and now - state["last"] < 0.5:
-            return
-        state["last"] = now
-        if total > 4 << 20 or state["shown"]:
-            state["shown"] = True
-            width = 30
-            filled = int(width * done / max(1, total))
-            end = "\n" if done >= total else "\r"
-            print(f"tokenizing [{'#' * filled}{'.' * (width - filled)}] {done / 2**20:.1f}/{total / 2**20:.1f} MB",
-                  end=end, file=sys.stderr, flush=True)
-
-    return progress
 
 
 class StartingRun(LocalController):
@@ -208,6 +182,62 @@ class StartingRun(LocalController):
 
 def run_dashboard(cfg: TrainConfig, explicit: frozenset[str] | None, task: Any = None, web: Any = None) -> None:
     """Train ``cfg`` under the dashboard; returns (or raises typer.Exit / the engine's error) when done.
+
+    In a terminal the engine runs in a child process (:mod:`tui.engine_process`); for ``--web``, where
+    nothing is drawn here, in a thread of this process.
+    """
+    if web is None:
+        run_dashboard_process(cfg, explicit, task)
+        return
+    run_dashboard_thread(cfg, explicit, task, web)
+
+
+def run_dashboard_process(cfg: TrainConfig, explicit: frozenset[str] | None, task: Any = None) -> None:
+    """The dashboard on an engine in a child process; exits with the child's status and error line."""
+    from engine.runs import new_run_path, run_dir_of_config
+
+    from .app import DashboardApp
+    from .engine_process import ChildRun, EngineProcess, spec_of
+
+    run_dir = run_dir_of_config(cfg.out, cfg.resume)
+    if run_dir is None:  # a new run: its directory is chosen here, so the screen can find the child's channel
+        run_dir = new_run_path()
+        cfg = cfg.replace(out=run_dir)
+        explicit = None if explicit is None else explicit | {"out"}
+    recorder = Recorder()
+    run = ChildRun(task.template if task is not None else None)
+    engine = EngineProcess(spec_of(cfg, explicit, task), run_dir, run, recorder)
+    guard = ExitGuard()
+    app = DashboardApp(run, recorder, run_dir=run_dir, engine=engine, handle_signals=True, exit_guard=guard)
+    engine.start()
+    try:
+        app.run()
+    finally:
+        if app.forced:
+            run.kill()
+        elif engine.is_alive():
+            run.cancel_generation()
+            run.stop(save=True)
+            say("gpt-tui: saving a checkpoint before exit" if not engine.in_setup else "gpt-tui: stopping")
+            engine.join()
+    guard.disarm()
+    if app.forced:
+        say("gpt-tui: exiting now; checkpoints on disk are intact")
+        os._exit(130)
+    engine.join()
+    snap = recorder.snapshot()
+    last = snap.last_checkpoint.path if snap.last_checkpoint else None
+    if engine.result in ("stopped", "finished"):
+        say(f"gpt-tui: {engine.result} at step {snap.step}" + (f"; checkpoint {short_path(last)}" if last else ""))
+    if engine.error is not None:
+        raise engine.error
+    if engine.result == "stopped":
+        raise typer.Exit(0)
+
+
+def run_dashboard_thread(cfg: TrainConfig, explicit: frozenset[str] | None, task: Any = None,
+                         web: Any = None) -> None:
+    """The dashboard (or ``--web``'s server) on an engine thread of this process.
 
     The app starts first; the engine thread imports torch, applies the process settings and builds
     the trainer, so the screen is up within a fraction of a second instead of after the import."""
