@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from .config import TrainConfig
 from .device import (
     GPU_PEAK_FLOPS,
+    cpu_name,
     measure_conditions,
     measure_matmul_peak,
     memory_mb,
@@ -57,24 +57,12 @@ def _quiet(_: str) -> None:
 
 
 # ------------------------------------------------------------------ machine facts
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``, else the platform's)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(device: torch.device) -> dict[str, Any]:
     """Date, device, CPU, core count, torch version and threads: the table's header."""
     info = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "device": str(device),
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -238,10 +238,11 @@ def measure_conditions(device: torch.device) -> dict[str, object]:
     except OSError:
         load = None
     return {"load_avg": load, "threads": torch.get_num_threads(), "cores": os.cpu_count() or 1,
-            "cpu": _cpu_name() if device.type == "cpu" else device.type, "date": time.strftime("%Y-%m-%d %H:%M")}
+            "cpu": cpu_name() if device.type == "cpu" else device.type, "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``, else the platform's)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -265,7 +266,7 @@ def entry_is_trusted(entry: dict) -> bool:
         return True
     if "load_avg" not in entry or taken_under_load(entry):
         return False
-    if entry.get("cpu") and entry.get("cpu") not in (_cpu_name(), "cuda", "mps"):
+    if entry.get("cpu") and entry.get("cpu") not in (cpu_name(), "cuda", "mps"):
         return False
     return int(entry.get("threads") or 0) >= torch.get_num_threads()
 

@@ -22,11 +22,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from rich.text import Text
-
 from engine.events import StepEvent
 
-from .widgets import TextPane
+from .widgets import StatsPane
 
 GPU_HINT = "pip install 'gpt-tui[gpu]'"
 SAMPLE_INTERVAL = 0.5
@@ -284,12 +282,5 @@ def _gpu_rows(s: SystemSample | None) -> list[tuple[str, str]]:
     return [("GPU", f"{util} · {temp}"), ("GPU mem", mem), ("GPU power", power)]
 
 
-class SystemPane(TextPane):
+class SystemPane(StatsPane):
     """The system rows, below the stats (m shows or hides it)."""
-
-    def show(self, rows: list[tuple[str, str]]) -> None:
-        t = Text(no_wrap=True, overflow="ellipsis")
-        for i, (label, value) in enumerate(rows):
-            t.append(f"{label:<10} ", style="bold")
-            t.append(value + ("\n" if i < len(rows) - 1 else ""))
-        self.set_text(t)
