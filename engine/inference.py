@@ -65,6 +65,22 @@ def stream_text(model: GPT, tokenizer: Tokenizer, ids: list[int], settings: Samp
         yield rest
 
 
+def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, settings: SampleSettings, autocast: Callable | None,
+                  should_stop: Callable[[], bool] | None = None, on_token: Callable[[str], None] | None = None,
+                  note: Callable[[str], None] | None = None) -> str:
+    """The text generated after ``prompt`` (its tail when it is longer than the context: ``note`` says so),
+    each whole piece passed to ``on_token`` as it comes."""
+    ids, cut = encode_prompt(tokenizer, prompt, model.cfg.context_length)
+    if cut and note:
+        note(cut)
+    pieces = []
+    for piece in stream_text(model, tokenizer, ids, settings, should_stop, autocast):
+        pieces.append(piece)
+        if on_token is not None:
+            on_token(piece)
+    return "".join(pieces)
+
+
 def serve_generation(req: GenerateRequest, template: str | None, generate_text: Callable[..., str],
                      emit: Callable[[Any], None]) -> None:
     """Carry out a live generation request: its text as GenerateEvents (a note first when the prompt is

@@ -21,11 +21,13 @@ from .device import (
     autocast_factory,
     default_threads,
     keep_freed_memory,
+    peak_flops,
     resolve_device,
     resolve_dtype,
     setup_device_flags,
 )
 from .errors import CheckpointError, GptTuiError
+from .events import RunStarted
 from .model import GPT, PRESETS, ModelConfig
 from .strategy import Strategy
 
@@ -199,6 +201,16 @@ def make_optimizer(cfg: TrainConfig, model: GPT) -> torch.optim.Optimizer:
     return build_optimizer(model, cfg)
 
 
+def steps_per_epoch(data: Any, per_step: int, context: int) -> int:
+    """Optimizer steps in one pass over the train split at ``per_step`` windows a step (at least one)."""
+    n = data.steps_per_epoch(per_step)
+    if n < 1:
+        raise GptTuiError(f"the train split has {data.train.n_windows} examples (windows of {context} "
+                          f"tokens or records), fewer than one step's batch of {per_step}",
+                          "lower --batch-size, --grad-accum or --context, or give more data")
+    return n
+
+
 # ------------------------------------------------------------------ schedule
 def schedule(cfg: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
     """(total steps, warm-up steps) of the run."""
@@ -237,6 +249,18 @@ def run_config(cfg: TrainConfig, model: GPT, tokenizer: Any, device: torch.devic
         "device": str(device), "dtype": dtype, "world_size": world, "total_steps": total_steps,
         "steps_per_epoch": steps_per_epoch, "n_params": model.num_params(), "torch": torch.__version__,
     }
+
+
+def run_started(t: Any) -> RunStarted:
+    """The first event of a run set up by ``t`` (an ``engine.trainer.Trainer``)."""
+    return RunStarted(
+        run_dir=t.run_dir, config=t.cfg.to_dict(), n_params=t.model.num_params(),
+        n_trainable=sum(p.numel() for p in t.model.parameters() if p.requires_grad), device=str(t.device),
+        dtype=t.dtype, total_steps=t.total_steps, steps_per_epoch=t.steps_per_epoch,
+        resumed_from=t.resumed.path if t.resumed else None, resumed_step=t.step,
+        config_changes=t.config_changes, flops_per_token=t.model.flops_per_token(t.context),
+        peak_flops=peak_flops(t.device, t.dtype), world_size=t.world,
+        resumed_changes=len(t.changes), replayed=[vars(c) for c in t.replay], peak_lr=t.cfg.peak_lr())
 
 
 def run_path(cfg: TrainConfig) -> str:

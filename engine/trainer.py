@@ -35,13 +35,12 @@ from .events import (
     LogEvent,
     MetricsWriter,
     MultiSink,
-    RunStarted,
     Sink,
     StateEvent,
     StepEvent,
 )
 from .guard import DivergenceGuard, target_reached
-from .inference import encode_prompt, serve_generation, stream_text
+from .inference import generate_text, serve_generation
 from .loggers import build_loggers, close_loggers
 from .sampling import SampleSettings
 from .steps import Batches, StepReader, StepReading
@@ -149,12 +148,7 @@ class Trainer(LocalController):
         with self.dist.main_first() if self.dist else contextlib.nullcontext():  # rank 0 tokenizes into the shared cache first
             d = self.task.setup_data(cfg, self.resumed, self.progress, lambda m, lv: self.log(m, lv))
         self.tokenizer, self.data, self.context = d.tokenizer, d.data, d.context
-        per_step = cfg.batch_size * self.world * cfg.grad_accum
-        self.steps_per_epoch = self.data.steps_per_epoch(per_step)
-        if self.steps_per_epoch < 1:
-            raise GptTuiError(f"the train split has {self.data.train.n_windows} examples (windows of {self.context} "
-                              f"tokens or records), fewer than one step's batch of {per_step}",
-                              "lower --batch-size, --grad-accum or --context, or give more data")
+        self.steps_per_epoch = st.steps_per_epoch(self.data, cfg.batch_size * self.world * cfg.grad_accum, self.context)
         self.model = st.build_model(cfg, self.tokenizer.vocab_size, self.context, self.resumed, self.strategy,
                                     self.log).to(self.device)
         self.module = self.strategy.wrap(self.model, self.device)
@@ -186,15 +180,7 @@ class Trainer(LocalController):
             self.metrics = MetricsWriter(os.path.join(self.run_dir, "metrics.jsonl"))
             self.sink = MultiSink([self.metrics, *self.loggers, self.sink])
         self.state = "ready"
-        self.emit(RunStarted(
-            run_dir=self.run_dir, config=self.cfg.to_dict(), n_params=self.model.num_params(),
-            n_trainable=sum(p.numel() for p in self.model.parameters() if p.requires_grad), device=str(self.device),
-            dtype=self.dtype, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
-            resumed_from=self.resumed.path if self.resumed else None, resumed_step=self.step,
-            config_changes=self.config_changes, flops_per_token=self.model.flops_per_token(self.context),
-            peak_flops=peak_flops(self.device, self.dtype), world_size=self.world,
-            resumed_changes=len(self.changes), replayed=[vars(c) for c in self.replay],
-            peak_lr=self.cfg.peak_lr()))
+        self.emit(st.run_started(self))
         for skipped in self.resumed.skipped if self.resumed else []:
             self.log(f"skipped damaged checkpoint {skipped}", "warning")
 
@@ -309,16 +295,8 @@ class Trainer(LocalController):
 
         ``cancellable``: a user's generation, which their cancel stops (the run's own samples are not).
         """
-        ids, cut = encode_prompt(self.tokenizer, prompt, self.model.cfg.context_length)
-        if cut and note:
-            note(cut)
-        pieces = []
         stop = self.commands.generation_cancelled if cancellable else None
-        for piece in stream_text(self.model, self.tokenizer, ids, settings, stop, self.autocast):
-            pieces.append(piece)
-            if on_token is not None:
-                on_token(piece)
-        return "".join(pieces)
+        return generate_text(self.model, self.tokenizer, prompt, settings, self.autocast, stop, on_token, note)
 
     def apply_change(self, change: LiveChange) -> None:
         """Carry out a live change at this step boundary (recorded, saved with checkpoints)."""
