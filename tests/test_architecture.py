@@ -147,3 +147,22 @@ def test_the_command_line_starts_without_torch() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), timeout=60)
     assert r.returncode == 0, r.stderr
     assert "torch" not in r.stdout, r.stdout
+
+
+def test_every_controller_implements_the_whole_contract() -> None:
+    """The dashboard is typed against ``RunController``: each controller it may be given answers every
+    member (a missing one is an AttributeError in the middle of a session, as a settings form once hit)."""
+    import inspect
+
+    from engine.commands import LocalController, RunController
+    from engine.control import ReadOnlyController, RemoteController
+    from engine.trainer import Trainer
+    from tui.engine_process import ChildRun
+    from tui.launch import StartingRun
+
+    members = {n for n, _ in inspect.getmembers(RunController) if not n.startswith("_")}
+    assert {"pause", "change", "change_many", "stop", "paused", "template"} <= members
+    for cls in (LocalController, Trainer, StartingRun, RemoteController, ReadOnlyController, ChildRun):
+        init = "".join(inspect.getsource(k.__init__) for k in cls.__mro__[:-1] if "__init__" in vars(k))  # plain attributes
+        missing = sorted(m for m in members if not hasattr(cls, m) and f"self.{m}:" not in init and f"self.{m} =" not in init)
+        assert not missing, f"{cls.__name__} lacks {missing}"

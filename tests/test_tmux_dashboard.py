@@ -57,7 +57,7 @@ class Terminal:
         raise AssertionError(f"{pattern!r} never appeared on the screen:\n{self.screen()}")
 
     def wait_gone(self, text: str, timeout: float = 30) -> None:
-        wait_for(lambda: text not in self.screen(), timeout, f"{text!r} to leave the screen")
+        wait_for(lambda: text not in self.screen(), timeout, f"{text!r} to leave the screen:\n{self.screen()}")
 
     def close(self) -> None:
         self.tmux("kill-server")
@@ -123,6 +123,17 @@ def test_dashboard_keys_in_tmux(corpus: Path, tmp_path: Path) -> None:
         term.keys("c")
         wait_for(lambda: list((run / "checkpoints").glob("*.pt")), 30, "a checkpoint file")
         term.wait(r"saved checkpoints/step-\d+\.pt")
+
+        term.keys("s")  # the settings form, through the engine process's controller
+        term.wait("live settings")
+        term.keys("End")
+        term.keys(*["BSpace"] * 12)
+        term.keys("5e-4", literal=True)
+        term.keys("Enter")
+        term.wait_gone("live settings")
+        wait_for(lambda: records(run, "change"), 30, "the change in metrics.jsonl")
+        change = records(run, "change")[0]
+        assert (change["setting"], change["new"], change["source"]) == ("lr", 5e-4, "dashboard")
 
         term.keys("g")
         term.wait("generate from the live weights")

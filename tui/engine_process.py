@@ -91,6 +91,9 @@ class ChildRun:
     def change(self, setting: str, value: str, source: str = "dashboard") -> Any:
         return self._live("change settings").change(setting, value, source)
 
+    def change_many(self, items: list[tuple[str, str]], source: str = "dashboard") -> Any:
+        return self._live("change settings").change_many(items, source)
+
     def stop(self, save: bool = True) -> None:
         """Stop at the next step with a checkpoint; before the channel answers, end the setup."""
         if self.stop_requested:
