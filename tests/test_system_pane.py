@@ -85,3 +85,24 @@ def test_nvml_index_follows_cuda_visible_devices() -> None:
     assert cuda_index("cuda", "") == 0 and cuda_index("cuda:1", "") == 1
     assert cuda_index("cuda:1", "2,3") == 3 and cuda_index("cuda", "5") == 5
     assert cuda_index("cuda:0", "GPU-8f6b") == 0
+
+
+def test_the_dashboard_samples_the_engine_process_not_its_own(tmp_path) -> None:
+    """The terminal dashboard trains in a child it starts after its screen: the pane follows that child."""
+    from engine.recorder import Recorder
+    from tui.app import DashboardApp
+    from tui.engine_process import ChildRun
+
+    run = ChildRun(None)
+    app = DashboardApp(run, Recorder(), run_dir=str(tmp_path))
+    app.sample_system()
+    assert app.monitor.process.pid is None  # not started yet: dashes, not the screen's own figures
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        run.proc = proc
+        app.sample_system()
+        assert app.monitor.process.pid == proc.pid != os.getpid()
+        assert app.monitor.sample().process.threads == 1
+    finally:
+        proc.kill()
+        proc.wait()

@@ -110,8 +110,7 @@ class DashboardApp(App[int]):
         """b: val loss in bits per byte."""
         self.system_choice: bool | None = None
         """m: the system pane shown or hidden by the user (None: shown when the terminal is tall enough)."""
-        pid = os.getpid() if owns_engine else getattr(controller, "pid", None)
-        self.monitor = SystemMonitor(pid if not read_only else None)
+        self.monitor = SystemMonitor(None)
         self._changes_seen: int | None = None
         self._system_timer: Timer | None = None
         self._system_pane: SystemPane | None = None
@@ -496,11 +495,20 @@ class DashboardApp(App[int]):
         self.system_choice = not self.system_shown()
         self._show_system()
 
+    def engine_pid(self) -> int | None:
+        """The process that trains: the engine's own (a child, or the run attached to), else this one."""
+        if self.read_only:
+            return None
+        if hasattr(self.controller, "pid"):
+            return self.controller.pid
+        return os.getpid() if self.owns_engine else None
+
     def sample_system(self) -> None:
         """Sample the process, the machine and the GPU (UI thread, twice a second while shown)."""
         snap = self.snap
         device = snap.start.device if snap is not None and snap.start is not None else ""
         self.monitor.set_device(device)
+        self.monitor.set_process(self.engine_pid())
         live = not self.read_only and not (snap is not None and snap.state in DONE_STATES and not self.owns_engine)
         sample = self.monitor.sample()
         if self._system_pane is not None:

@@ -210,7 +210,11 @@ class SystemMonitor:
         self.process = ProcessProbe(pid)
         self.device = ""
         self.gpu: NvmlProbe | None = None
-        self.last: SystemSample | None = None
+
+    def set_process(self, pid: int | None) -> None:
+        """The process that trains, once known (the dashboard's engine starts after its screen)."""
+        if pid != self.process.pid:
+            self.process = ProcessProbe(pid)
 
     def set_device(self, device: str) -> None:
         """The run's device, once known (``cuda:0``, ``mps``, ``cpu``)."""
@@ -225,7 +229,6 @@ class SystemMonitor:
         s = SystemSample(self.process.sample(now), avail, total)
         if self.gpu is not None:
             s.gpu, s.gpu_note = self.gpu.sample(), self.gpu.note
-        self.last = s
         return s
 
 
