@@ -191,6 +191,25 @@ async def test_escape_closes_the_panel_inside_another_app(tiny_run: Path) -> Non
         assert pilot.app.screen is not panel
 
 
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+async def test_escape_closes_the_panel_after_going_to_the_history(tiny_run: Path, size: tuple[int, int]) -> None:
+    """Narrow: the first Esc closes the history opened over the output, the second the panel; wide (the
+    history always beside the output): Esc closes the panel at once."""
+    lm = load_for_inference(str(tiny_run), "cpu")
+    panel = SamplePanel(ModelBackend(lm), standalone=False)
+    async with PanelApp(panel).run_test(size=size) as pilot:
+        await pilot.press("ctrl+l")
+        await pilot.pause()
+        assert panel.query_one("#sp-history").has_focus
+        if size[0] < 100:
+            await pilot.press("escape")
+            await pilot.pause()
+            assert pilot.app.screen is panel and not panel.query_one("#sp-side").region.area
+        await pilot.press("escape")
+        await pilot.pause()
+        assert pilot.app.screen is not panel
+
+
 async def test_bad_input_is_shown_in_the_panel(tiny_run: Path) -> None:
     lm = load_for_inference(str(tiny_run), "cpu")
     panel = SamplePanel(ModelBackend(lm), standalone=True, settings=SampleSettings(max_new_tokens=5))

@@ -532,7 +532,7 @@ class SamplePanel(Screen):
     def action_escape(self) -> None:
         if self.generating:
             self.action_stop()
-        elif self.has_class("history-open"):
+        elif self.has_class("narrow") and self.has_class("history-open"):
             self.action_focus_history()  # closes the history over a narrow panel
         elif not self.standalone:
             self.dismiss()
@@ -541,11 +541,12 @@ class SamplePanel(Screen):
 
     def action_focus_history(self) -> None:
         """Ctrl+L: to the history (on a narrow screen it opens beside the output; Ctrl+L again closes it)."""
-        if self.has_class("narrow") and self.has_class("history-open"):
-            self.remove_class("history-open")
-            self.query_one("#sp-prompt", PromptArea).focus()
-            return
-        self.add_class("history-open")
+        if self.has_class("narrow"):
+            if self.has_class("history-open"):
+                self.remove_class("history-open")
+                self.query_one("#sp-prompt", PromptArea).focus()
+                return
+            self.add_class("history-open")
         history = self.query_one("#sp-history", ListView)
         if history.index is None and self.history:
             history.index = len(self.history) - 1  # Enter recalls the newest at once
