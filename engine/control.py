@@ -122,7 +122,6 @@ class _Subscriber:
         self.q.put(first)  # the reply to subscribe goes out before any event
         self.alive = True
         self.thread = threading.Thread(target=self._run, name="gpt-tui-viewer", daemon=True)
-        self.thread.start()
 
     def push(self, line: bytes | None) -> None:
         if not self.alive:
@@ -285,6 +284,7 @@ class ControlServer:
                         sub = _Subscriber(conn, lock, self._drop, (json.dumps(reply) + "\n").encode())
                         with self._lock:
                             self._subs.append(sub)
+                        sub.thread.start()  # the reply goes out once every later event reaches this viewer
                         continue
                     with lock:
                         conn.sendall((json.dumps(reply) + "\n").encode())
