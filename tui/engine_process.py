@@ -31,8 +31,6 @@ from engine.events import LogEvent
 from engine.recorder import Recorder
 from engine.runs import RunDir
 
-READY_TIMEOUT = 600.0
-"""Seconds the engine may take to set up (import torch, tokenize) before the dashboard gives up on it."""
 _PROGRESS = re.compile(r"tokenizing \[[#.]*\] ([0-9.]+/[0-9.]+ MB)")
 _ERROR = re.compile(r"^gpt-tui: error: (.*)$")
 
@@ -164,7 +162,7 @@ class EngineProcess(threading.Thread):
         if self.returncode == 0:
             state = self.recorder.state
             self.result = state if state in ("finished", "stopped") else "stopped"
-        elif self.returncode in (-signal.SIGKILL, 130):
+        elif self.returncode in (-signal.SIGKILL, 130) or (self.returncode == -signal.SIGTERM and self.child.stop_requested):
             self.result = "stopped"
         else:
             code = self.returncode if self.returncode > 0 else 1
@@ -174,8 +172,7 @@ class EngineProcess(threading.Thread):
     def _connect(self, proc: subprocess.Popen) -> None:
         client = ControlClient(self.run_dir, timeout=2.0)
         self.recorder.emit(LogEvent(level="progress", message="starting the engine (importing torch)"))
-        deadline = time.monotonic() + READY_TIMEOUT
-        while proc.poll() is None and time.monotonic() < deadline:
+        while proc.poll() is None:  # setting up (importing torch, tokenizing) takes as long as it takes; q stops it
             self._read_log()
             try:
                 if client.call("status").get("pid") == proc.pid:
@@ -222,8 +219,18 @@ def _watch_parent(parent: int, on_gone: Any) -> None:
     threading.Thread(target=watch, name="gpt-tui-parent-watch", daemon=True).start()
 
 
+def _stop_before_training(signum: int, frame: Any) -> None:
+    raise SystemExit(0)  # nothing trained yet: nothing to save
+
+
 def child_main(spec_path: str) -> None:
-    """Train the spec's run headless, as the dashboard's engine: its events on the channel, lines on stdout."""
+    """Train the spec's run headless, as the dashboard's engine: its events on the channel, lines on stdout.
+
+    A stop before the first step (the dashboard's q while torch imports or the corpus is tokenized) ends
+    the child at once with status 0; from the first step on, it stops with a checkpoint.
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop_before_training)
     import typer
 
     from engine.config import TrainConfig
@@ -247,7 +254,14 @@ def child_main(spec_path: str) -> None:
         task = InstructTask()
     prepare_process(cfg)
     trainer = make_trainer(cfg, ConsoleSink(), explicit=explicit, task=task, options=EngineOptions.interactive())
-    trainer.progress = tokenize_progress()
+    bar = tokenize_progress()
+
+    def progress(done: int, total: int) -> None:
+        if trainer.stopping:
+            raise SystemExit(0)  # stopped while tokenizing: finished files' parts are kept
+        bar(done, total)
+
+    trainer.progress = progress
     parent = int(os.environ.get("GPT_TUI_ENGINE_PARENT", "0") or 0)
     if parent:
         _watch_parent(parent, lambda: trainer.stop(save=True))
