@@ -145,9 +145,6 @@ class KVCache:
         self._pending = 0
 
 
-"""Ways to draw a new model's weights (see :class:`GPT`)."""
-
-
 class GPT(nn.Module):
     """GPT-2 architecture (or the bigram baseline when ``cfg.arch == 'bigram'``).
 

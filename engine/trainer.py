@@ -106,6 +106,7 @@ class Trainer(LocalController):
         self.guard = DivergenceGuard()
         self.last_sample_step = -1
         self.train_seconds = 0.0  # time spent in steps (not pauses, evals or samples)
+        self.lr = 0.0  # --lr's scheduled rate at the last step (each parameter group scales it by its lr_scale)
         self.pause_message = ""
         self.run_dir = ""
         self.device = torch.device("cpu")
@@ -221,7 +222,7 @@ class Trainer(LocalController):
         update on the device (its ``found_inf``), so the step needs no host read.
         """
         cfg = self.cfg
-        lr = st.lr_at(self.step, self.total_steps, cfg, self.warmup)
+        self.lr = lr = st.lr_at(self.step, self.total_steps, cfg, self.warmup)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         self.module.train()
@@ -300,12 +301,12 @@ class Trainer(LocalController):
 
     def apply_change(self, change: LiveChange) -> None:
         """Carry out a live change at this step boundary (recorded, saved with checkpoints)."""
-        with contextlib.suppress(ValueError):
-            self.queued_changes().remove(change)
         # lr unset means the preset's: the old value recorded is the one trained with
         change.old = self.cfg.peak_lr() if change.setting == "lr" else getattr(self.cfg, change.setting)
         change.step = self.step
         setattr(self.cfg, change.setting, change.new)
+        with contextlib.suppress(ValueError):  # after the setting: a check in between sees it in one place
+            self.queued_changes().remove(change)
         self.changes.append(change)
         self.emit(ChangeEvent(step=self.step, setting=change.setting, old=change.old, new=change.new,
                               source=change.source))
@@ -334,8 +335,6 @@ class Trainer(LocalController):
             self.evaluate()
         elif kind == "generate":
             serve_generation(arg, self.task.template, self.generate_text, self.emit)
-        elif kind == "change":
-            self.apply_change(arg)
         elif kind == "changes":
             for change in arg:
                 self.apply_change(change)
@@ -367,7 +366,7 @@ class Trainer(LocalController):
                 self.train_seconds += dt
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step()
-                info = {"dt": dt, "lr": self.optimizer.param_groups[0]["lr"], "tokens": self.tokens_seen,
+                info = {"dt": dt, "lr": self.lr, "tokens": self.tokens_seen,
                         "data_time": self.batches.take_wait_time()}
                 for r in self.reader.push(self.step, loss, gnorm, finite, info):
                     self._report(r)

@@ -186,3 +186,23 @@ def test_muon_under_fsdp_matches_one_process(corpus: Path, tmp_path: Path) -> No
     for s in (4, 5, 6):
         assert res[s] == pytest.approx(b[s], abs=5e-4), s
 
+
+
+def test_step_events_report_the_lr_schedule_whatever_the_groups_order(corpus: Path, tmp_path: Path) -> None:
+    """Adapters only in the blocks' matrices under Muon: the optimizer's first group is Muon's, and the
+    charts still show --lr's schedule, not Muon's rate."""
+    from engine.recorder import Recorder
+
+    base = Trainer(tiny_config(corpus, tmp_path / "base", max_steps=1, eval_every=0, sample_every="0"))
+    base.setup()
+    base.fit()
+    rec = Recorder()
+    t = Trainer(tiny_config(corpus, tmp_path / "run", init=base.last_checkpoint, optimizer="muon", lora_rank=4,
+                            lora_layers="attn,mlp",
+                            lr=2e-3, muon_lr=0.03, max_steps=6, warmup_steps=2, eval_every=0, sample_every="0"), rec)
+    t.setup()
+    t.fit()
+    steps = [e for e in rec.snapshot().steps]
+    assert len(steps) == 6
+    for e in steps:
+        assert e.lr == pytest.approx(lr_at(e.step - 1, t.total_steps, t.cfg, t.warmup))
