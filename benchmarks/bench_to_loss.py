@@ -46,7 +46,6 @@ import hashlib
 import math
 import multiprocessing as mp
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -190,20 +189,12 @@ def _race_data(cfg: Any) -> Any:
     return tok, TextData(tokens, context, cfg.stride or context, cfg.val_ratio, cfg.seed)
 
 
-def _total_steps(cfg: Any, steps_per_epoch: int) -> int:
-    """As Trainer.setup_schedule."""
-    if cfg.max_steps is not None and cfg.epochs is not None:
-        return min(cfg.max_steps, cfg.epochs * steps_per_epoch)
-    if cfg.max_steps is not None:
-        return cfg.max_steps
-    return (cfg.epochs or 1) * steps_per_epoch
-
-
 def _book_side(conn: Any, cfg_dict: dict[str, Any], eval_every: int, target: float | None, loop: str) -> None:
     """Child process: the book's GPTModel in the book's training loop, one turn per 'go'."""
     import torch
 
     from engine.config import TrainConfig
+    from engine.setup import schedule
 
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (the book's loop prints every evaluation)
     if loop == "simple":
@@ -220,7 +211,7 @@ def _book_side(conn: Any, cfg_dict: dict[str, Any], eval_every: int, target: flo
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tok, data = _race_data(cfg)
-    total = _total_steps(cfg, data.steps_per_epoch(cfg.batch_size * cfg.grad_accum))
+    total = schedule(cfg, data.steps_per_epoch(cfg.batch_size * cfg.grad_accum))[0]
     if cfg.grad_accum != 1:
         raise SystemExit("the book's loops take one batch per step: use --set grad_accum=1")
     mc = cfg.model_config(tok.vocab_size)
@@ -425,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from engine.config import TrainConfig
+    from engine.device import cpu_name
 
     recipe = RECIPES[args.recipe]
     train = dict(recipe["train"])
@@ -486,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         target_label = "given"
     import torch
 
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+    print(f"\nmachine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}; "
           f"load average {load[0]:.2f} at start, {load_end[0]:.2f} at end")
     print("\n".join(report(sides, target, target_label)))
     return 0
