@@ -235,15 +235,14 @@ def set_live(run_dir: str, items: list[str], wait: float) -> None:
 
     changes = [{"setting": name, "value": value} for name, value in parse_assignments(items)]
     client = ControlClient(run_dir)
+    stream = client.subscribe() if wait > 0 else None  # first, so the change events cannot be missed
     try:
-        client.call("set", changes=changes, check=True)
-    except ControlError as e:
-        if not e.problem.startswith("the run refused set: "):
-            raise
-        raise GptTuiError(e.problem.removeprefix("the run refused set: "), e.fix) from None
-    stream = client.subscribe() if wait > 0 else None
-    try:
-        sent = client.call("set", changes=changes, source="shell")["changes"]
+        try:
+            sent = client.call("set", changes=changes, source="shell")["changes"]
+        except ControlError as e:
+            if not e.problem.startswith("the run refused set: "):
+                raise
+            raise GptTuiError(e.problem.removeprefix("the run refused set: "), e.fix) from None
         if stream is None:
             for r in sent:
                 print(f"{_flag(r['setting'])} -> {fmt_value(r['new'])} requested: it applies at the next step")
@@ -256,16 +255,19 @@ def set_live(run_dir: str, items: list[str], wait: float) -> None:
 
 def _print_applied(stream: Any, sent: list[dict[str, Any]], wait: float) -> None:
     """Wait for the change events of ``sent`` (in order) and print ``step N: lr 1e-3 -> 3e-4`` for each."""
+    import time
+
     from engine.errors import GptTuiError
 
     left = list(sent)
+    deadline = time.monotonic() + wait  # they apply at the same step: one wait for all
 
     def done(rec: dict[str, Any]) -> bool:
         return _ended(rec) or (rec.get("type") == "change" and rec.get("source") == "shell"
                                and rec.get("setting") == left[0]["setting"])
 
     while left:
-        rec = stream.wait_for(done, wait)
+        rec = stream.wait_for(done, max(0.0, deadline - time.monotonic()))
         if rec is None:
             print(f"{_flag(left[0]['setting'])} -> {fmt_value(left[0]['new'])} requested: "
                   "it applies at the end of the current step")
