@@ -94,6 +94,9 @@ class RunController(Protocol):
 class CommandSource(Protocol):
     """The engine's side: what the loop reads at a step boundary (one thread: the engine's)."""
 
+    queued_changes: list[Any]
+    """Live changes put and not yet applied (shared with the controller that checks new ones)."""
+
     def exchange(self) -> None:
         """Agree on the requests so far (a collective under torchrun; nothing in one process)."""
         ...
@@ -125,6 +128,8 @@ class LocalCommands:
         self._cancel = threading.Event()
         self._save = True
         self._ids = itertools.count(1)
+        self.queued_changes: list[Any] = []
+        """Live changes put and not yet applied (:meth:`LocalController.queued_changes`)."""
 
     # ------------------------------------------------------------ controller side
     def put(self, kind: str, arg: Any = None) -> None:
@@ -266,10 +271,9 @@ class LocalController:
         return out
 
     def queued_changes(self) -> list[LiveChange]:
-        """Changes asked for and not yet applied (the engine removes each as it applies it)."""
-        if "_queued_changes" not in self.__dict__:
-            self._queued_changes: list[LiveChange] = []
-        return self._queued_changes
+        """Changes asked for and not yet applied (the engine removes each as it applies it). They are
+        kept with the commands, which the dashboard's controller and the trainer share."""
+        return self.commands.queued_changes
 
     def stop(self, save: bool = True) -> None:
         self.commands.stop(save)

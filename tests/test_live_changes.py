@@ -233,3 +233,24 @@ def test_changes_sent_together_apply_at_one_step_all_or_none(corpus: Path, tmp_p
         (0, "lr", 1e-3, 2e-3), (0, "lr", 2e-3, 4e-3), (0, "eval_every", 0, 2), (0, "lr", 4e-3, 2e-3)]
     assert t.cfg.lr == 2e-3 and t.cfg.eval_every == 2 and t.queued_changes() == []
     assert sorted(by_step(tmp_path / "run", "eval", "val_loss")) == [2, 4]
+
+
+def test_the_dashboards_controller_and_the_trainer_share_the_queue(corpus: Path, tmp_path: Path) -> None:
+    """The in-process dashboard checks changes through its own controller (StartingRun) while the trainer
+    applies them: once applied, a change leaves the queue both see, so the next one is checked against
+    the run's value (here a shell's change in between), not a stale queued one."""
+    from engine.commands import LocalCommands
+    from tui.launch import StartingRun
+
+    commands = LocalCommands()
+    t = Trainer(tiny_config(corpus, tmp_path / "run", lr=1e-3, max_steps=4, eval_every=0), commands=commands)
+    run = StartingRun(t.cfg, commands, None)
+    run.trainer = t
+    t.setup()
+    assert run.change("lr", "x2").new == 2e-3
+    assert len(t.queued_changes()) == 1
+    t.process_commands()
+    assert t.cfg.lr == 2e-3 and run.queued_changes() == []
+    t.change("lr", "1e-4", source="shell")
+    t.process_commands()
+    assert run.change("lr", "x2").new == 2e-4
