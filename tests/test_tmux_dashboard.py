@@ -128,7 +128,11 @@ def test_dashboard_keys_in_tmux(corpus: Path, tmp_path: Path) -> None:
         term.wait("live settings")
         term.keys("End")
         term.keys(*["BSpace"] * 12)
+        # Keys sent at machine speed on a loaded machine were seen handled out of order (the typed text
+        # before the backspaces), so wait for the screen between the steps, as a person typing would
+        term.wait(r"│ lr {10,}peak LR")
         term.keys("5e-4", literal=True)
+        term.wait(r"│ lr +5e-4 +peak LR")
         term.keys("Enter")
         term.wait_gone("live settings")
         wait_for(lambda: records(run, "change"), 30, "the change in metrics.jsonl")
