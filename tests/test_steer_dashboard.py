@@ -235,3 +235,13 @@ async def test_ctrl_s_saves_an_svg_into_the_run_dir_and_ctrl_p_opens_the_palette
         # p still pauses: the palette takes no key but ctrl+p
         await pilot.press("p")
         await until(pilot, lambda: trainer.state == "paused", what="paused")
+
+
+async def test_a_last_poll_while_the_app_closes_does_nothing(corpus: Path, tmp_path: Path) -> None:
+    """The poll timer may tick once more after the app's panes are removed at exit: no error then."""
+    app, _, _ = make_app(long_run(corpus, tmp_path))
+    async with app.run_test(size=(80, 24)):
+        for pane in app.query(StatsPane):  # the stats and system panes
+            await pane.remove()
+        app._version = -1  # a new snapshot to draw
+        app.poll()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from textual import events
 from textual.app import App, ComposeResult, SystemCommand
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, Static
@@ -188,11 +189,15 @@ class DashboardApp(App[int]):
         ended = self.engine is not None and self.engine.ident is not None and not self.engine.is_alive()
         if version is not None and version == self._version and not self.quitting and not ended:
             return
+        try:
+            stats = self.query_one("#stats", StatsPane)
+        except NoMatches:  # the app is closing and its panes are gone; a last tick of the timer
+            return
         snap = self.recorder.snapshot()
         self._version = snap.version
         self.snap = snap
         self.clock.update(snap)
-        self.query_one(StatsPane).show(stats_rows(snap, self.clock, bpb=self.bpb))
+        stats.show(stats_rows(snap, self.clock, bpb=self.bpb))
         self._update_charts(snap)
         self._update_samples(snap)
         self._events(snap)
