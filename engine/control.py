@@ -499,9 +499,9 @@ class EventStream:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 and b"\n" not in self.reader.buf:  # what already arrived is read even at the deadline
                 return None
-            self.sock.settimeout(left)
+            self.sock.settimeout(max(left, 1e-3))
             try:
                 msg = self.reader.line()
             except OSError:
